@@ -1,0 +1,1 @@
+"""Small OneFlow models published through the example hub."""

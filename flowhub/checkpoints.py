@@ -1,0 +1,139 @@
+"""Weight files in ``<hub>/checkpoints``: download once, verify, extract zipped OneFlow checkpoints once.
+
+OneFlow 0.9 saves a checkpoint as a *folder* (``pickled_data`` plus ``tensor_N/``), so hubs ship it
+zipped. The reference re-extracts the zip over ``checkpoints/<first member>`` on every call (racing
+with every other process) and trusts that the first member is the folder. Here each zip is
+extracted once, into a folder named after the zip file itself (two zips with the same inner folder
+never collide), staged and published atomically, and the checkpoint is found by looking for
+``pickled_data`` rather than by member order.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+import zipfile
+from typing import Any, Callable, Optional
+from urllib.parse import urlparse
+
+from flowhub import archive, store
+from flowhub.download import download
+from flowhub.errors import OfflineError
+from flowhub.network import HttpClient
+from flowhub.settings import ENV_OFFLINE
+
+HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
+EXTRACTED_SUFFIX = ".extracted"
+
+
+def _record_path(model_dir: str, filename: str) -> str:
+    return os.path.join(model_dir, store.META_DIR, "files", filename + ".json")
+
+
+def _cached_file_ok(model_dir: str, filename: str) -> bool:
+    """The file exists under its final name and, if we downloaded it, still has the size we recorded."""
+    path = os.path.join(model_dir, filename)
+    if not os.path.isfile(path):
+        return False
+    record = store.read_json(_record_path(model_dir, filename))
+    return not (isinstance(record, dict) and record.get("size") not in (None, os.path.getsize(path)))
+
+
+def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: bool = True,
+                  check_hash: bool = False, file_name: Optional[str] = None,
+                  refresh: Optional[Callable[[str], bool]] = None) -> str:
+    """Return the path of the cached file for ``url``, downloading it once (under a lock) if needed.
+
+    ``refresh(path)`` returning True forces a new download of a cached file (``force_reload``).
+    """
+    os.makedirs(model_dir, exist_ok=True)
+    filename = file_name or os.path.basename(urlparse(url).path)
+    if not filename:
+        raise ValueError(f"Cannot name the file for {url!r}: pass file_name=...")
+    cached = os.path.join(model_dir, filename)
+    force = bool(refresh and os.path.exists(cached) and refresh(cached))
+    if not force and _cached_file_ok(model_dir, filename):
+        return cached
+    if client.settings.offline:
+        raise OfflineError(f"{url} is not cached in {model_dir} and offline mode is on ({ENV_OFFLINE}=1). "
+                           f"Download it once with network access, or unset {ENV_OFFLINE}.")
+    hash_prefix = None
+    if check_hash:
+        match = HASH_REGEX.search(filename)
+        hash_prefix = match.group(1) if match else None
+    lock = os.path.join(store.meta_dir(model_dir, "locks"), store.lock_name(filename))
+    with store.entry_lock(lock, client.settings.lock_timeout, f"downloading {filename}"):
+        if not force and _cached_file_ok(model_dir, filename):
+            return cached
+        sys.stderr.write(f'Downloading: "{url}" to {cached}\n')
+        result = download(client, url, cached, hash_prefix=hash_prefix, progress=progress)
+        try:
+            store.write_json_atomic(_record_path(model_dir, filename), {
+                "url": url, "size": result.size, "sha256": result.sha256, "etag": result.etag,
+                "downloaded_at": time.time()})
+        except OSError:
+            pass
+    return cached
+
+
+def _checkpoint_in(folder: str) -> str:
+    """The path ``oneflow.load`` should get inside an extracted zip."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if "pickled_data" in files or "snapshot_done" in files:
+            return root
+    entries = [e for e in os.listdir(folder) if not e.startswith(".")]
+    if len(entries) == 1:
+        return os.path.join(folder, entries[0])
+    return folder
+
+
+def extracted_checkpoint(cached_zip: str, lock_timeout: float) -> str:
+    """Extract ``cached_zip`` once into ``<zip>.extracted/`` and return the checkpoint path inside it."""
+    model_dir = os.path.dirname(cached_zip)
+    final = cached_zip + EXTRACTED_SUFFIX
+    stat = os.stat(cached_zip)
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    marker = os.path.join(final, store.META_DIR + "-complete.json")
+    if store.read_json(marker) == stamp:
+        return _checkpoint_in(final)
+    lock = os.path.join(store.meta_dir(model_dir, "locks"), store.lock_name(os.path.basename(final)))
+    with store.entry_lock(lock, lock_timeout, f"extracting {os.path.basename(cached_zip)}"):
+        if store.read_json(marker) == stamp:
+            return _checkpoint_in(final)
+        stage = store.staging_dir(model_dir)
+        try:
+            archive.extract_zip(cached_zip, stage, f"Extracting {cached_zip}")
+            store.write_json_atomic(os.path.join(stage, store.META_DIR + "-complete.json"), stamp)
+            store.publish_dir(stage, final, model_dir, replace=os.path.lexists(final))
+        finally:
+            store.remove_tree(stage)
+    return _checkpoint_in(final)
+
+
+def _remap(obj: Any, map_location: Any) -> Any:
+    """Apply a dict or callable ``map_location`` (which oneflow.load itself does not accept)."""
+    import oneflow as flow
+
+    if isinstance(obj, flow.Tensor):
+        if callable(map_location):
+            return map_location(obj, obj.device.type)
+        target = map_location.get(obj.device.type, map_location.get(str(obj.device)))
+        return obj.to(target) if target is not None else obj
+    if isinstance(obj, dict):
+        return type(obj)((k, _remap(v, map_location)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_remap(v, map_location) for v in obj)
+    return obj
+
+
+def load_checkpoint(path: str, map_location: Any = None, lock_timeout: float = 600.0) -> Any:
+    """``oneflow.load`` a cached weight file, extracting it first if it is a zipped checkpoint folder."""
+    import oneflow as flow
+
+    if zipfile.is_zipfile(path):
+        path = extracted_checkpoint(path, lock_timeout)
+    if map_location is None or isinstance(map_location, (str, flow.device, flow.placement)):
+        return flow.load(path, map_location=map_location)
+    return _remap(flow.load(path, map_location="cpu"), map_location)

@@ -1,0 +1,175 @@
+"""The story of one download: stream to a unique temp file, hash on the fly, resume, verify, publish.
+
+Bytes go to ``<dst>.<random>.partial`` in the destination folder (so the final rename is atomic and
+the file gets the umask's permissions), in 1 MiB chunks, with SHA-256 computed as they arrive. A
+dropped connection is resumed with a ``Range`` request that is validated (206, matching
+``Content-Range``, same ``ETag``); a 200 answer to it restarts cleanly. The size is checked against
+``Content-Length`` and the hash against what the caller expects before ``os.replace`` publishes the
+file. On any failure the temp file is removed, so nothing half-written is ever mistaken for a file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import sys
+import uuid
+from typing import BinaryIO, Optional
+
+import requests
+import urllib3
+from tqdm.auto import tqdm
+
+from flowhub.errors import HashMismatchError, IncompleteDownloadError, NetworkError
+from flowhub.network import HttpClient, check_status, network_error
+
+CHUNK_SIZE = 1 << 20
+MAX_RESUMES = 20
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_STREAM_ERRORS = (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                  requests.exceptions.Timeout, urllib3.exceptions.HTTPError, ConnectionError)
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadResult:
+    """What was published: where, how many bytes, their SHA-256, and the server's ETag."""
+
+    path: str
+    size: int
+    sha256: str
+    etag: Optional[str]
+
+
+def temp_path_for(dst: str) -> str:
+    """A unique temp name beside ``dst`` (same filesystem, so publishing is one atomic rename)."""
+    return f"{dst}.{uuid.uuid4().hex[:12]}.partial"
+
+
+class _Transfer:
+    """State of one download across its resumed requests."""
+
+    def __init__(self, client: HttpClient, url: str, out: BinaryIO, progress: bool, desc: str) -> None:
+        self.client = client
+        self.url = url
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.written = 0
+        self.total: Optional[int] = None
+        self.etag: Optional[str] = None
+        self.progress = progress
+        self.desc = desc
+        self.bar: Optional[tqdm] = None  # created once the size is known
+
+    def show_total(self) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,
+                            disable=not self.progress, desc=self.desc, file=sys.stderr, leave=True)
+        else:
+            self.bar.reset(total=self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def restart(self) -> None:
+        self.out.seek(0)
+        self.out.truncate()
+        self.sha = hashlib.sha256()
+        self.written = 0
+
+    def open(self) -> requests.Response:
+        headers = {"Accept-Encoding": "identity"}
+        if self.written:
+            headers["Range"] = f"bytes={self.written}-"
+            if self.etag:
+                headers["If-Range"] = self.etag
+        response = self.client.get(self.url, what=f"Downloading {self.url}", stream=True, headers=headers)
+        check_status(response, f"Downloading {self.url}")
+        if self.written and response.status_code == 206 and self._range_matches(response):
+            return response
+        if self.written:  # the server ignored or refused our Range: start over from byte 0
+            self.restart()
+        length = response.headers.get("Content-Length")
+        self.total = int(length) if length is not None and response.status_code == 200 else None
+        self.etag = response.headers.get("ETag")
+        self.show_total()
+        return response
+
+    def _range_matches(self, response: requests.Response) -> bool:
+        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if not match or int(match.group(1)) != self.written:
+            return False
+        if self.total is not None and match.group(3) != "*" and int(match.group(3)) != self.total:
+            return False
+        etag = response.headers.get("ETag")
+        return not (self.etag and etag and etag != self.etag)
+
+    def pump(self, response: requests.Response) -> None:
+        with response:
+            for chunk in response.iter_content(CHUNK_SIZE):
+                self.out.write(chunk)
+                self.sha.update(chunk)
+                self.written += len(chunk)
+                self.bar.update(len(chunk))  # type: ignore[union-attr]
+
+
+def download(client: HttpClient, url: str, dst: str, *, hash_prefix: Optional[str] = None,
+             progress: bool = True, desc: Optional[str] = None) -> DownloadResult:
+    """Download ``url`` to ``dst`` atomically; resume on dropped connections; verify size and hash."""
+    client.check_online(f"Downloading {url}")
+    dst = os.path.abspath(os.path.expanduser(dst))
+    tmp = temp_path_for(dst)
+    try:
+        with open(tmp, "wb") as out:
+            transfer = _Transfer(client, url, out, progress, desc or os.path.basename(dst))
+            try:
+                _run(transfer)
+            finally:
+                transfer.close()
+        digest = transfer.sha.hexdigest()
+        if hash_prefix is not None and not digest.startswith(hash_prefix):
+            raise HashMismatchError(
+                f'invalid hash value (expected "{hash_prefix}", got "{digest}") for {url}; '
+                "the file was not saved. The server's copy may be corrupt or the expected hash outdated.")
+        os.replace(tmp, dst)
+        return DownloadResult(dst, transfer.written, digest, transfer.etag)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _run(transfer: _Transfer) -> None:
+    """Pump the body, resuming after dropped connections, until it is complete or we give up."""
+    failures_without_progress = 0
+    attempts = 0
+    while True:
+        attempts += 1
+        before = transfer.written
+        try:
+            transfer.pump(transfer.open())
+        except _STREAM_ERRORS as exc:
+            failures_without_progress = 0 if transfer.written > before else failures_without_progress + 1
+            if failures_without_progress > transfer.client.settings.retries or attempts > MAX_RESUMES:
+                raise _stream_failure(transfer, exc) from exc
+            continue
+        except NetworkError:
+            raise
+        if transfer.total is None or transfer.written == transfer.total:
+            return
+        # The body ended early without a transport error: treat it like a dropped connection.
+        failures_without_progress = 0 if transfer.written > before else failures_without_progress + 1
+        if failures_without_progress > transfer.client.settings.retries or attempts > MAX_RESUMES:
+            raise IncompleteDownloadError(
+                f"Downloading {transfer.url}: the server announced {transfer.total} bytes but sent "
+                f"{transfer.written}; nothing was saved. Try again later.")
+
+
+def _stream_failure(transfer: _Transfer, exc: BaseException) -> Exception:
+    if transfer.total is not None and transfer.written < transfer.total and not isinstance(exc, requests.exceptions.Timeout) \
+            and "timed out" not in str(exc).lower():
+        return IncompleteDownloadError(
+            f"Downloading {transfer.url}: the connection kept dropping ({transfer.written} of {transfer.total} "
+            f"bytes after {transfer.client.settings.retries} retries without progress); nothing was saved. "
+            f"Try again later.")
+    return network_error(f"Downloading {transfer.url}", transfer.url, exc, transfer.client.settings)

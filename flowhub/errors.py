@@ -1,0 +1,97 @@
+"""flowhub's exceptions, one family per way a load can fail.
+
+Each subclasses the built-in type that ``oneflow.hub`` raises in the same situation, so code that
+catches ``RuntimeError`` or ``ValueError`` around a hub call keeps working.
+"""
+from __future__ import annotations
+
+
+class FlowhubError(Exception):
+    """Base class of every error flowhub raises itself."""
+
+
+# -- what the user asked for ------------------------------------------------------------------
+class RepoSpecError(FlowhubError, ValueError):
+    """A ``owner/repo[:ref]`` string or a ``source`` value that cannot be understood."""
+
+
+class EntrypointError(FlowhubError, RuntimeError):
+    """The hubconf has no callable with the requested name."""
+
+
+class MissingDependenciesError(FlowhubError, RuntimeError):
+    """Packages listed in the hubconf's ``dependencies`` are not importable."""
+
+
+# -- resolving a ref against the server ---------------------------------------------------------
+class ResolveError(FlowhubError, ValueError):
+    """A ref (branch, tag or commit) that the repository does not have."""
+
+
+class RateLimitError(FlowhubError, RuntimeError):
+    """The GitHub API refused the request because of its rate limit."""
+
+
+# -- network and offline ------------------------------------------------------------------------
+class NetworkError(FlowhubError, RuntimeError):
+    """A request failed after its retries (connection refused, reset, HTTP error)."""
+
+
+class HTTPStatusError(NetworkError):
+    """The server answered with an HTTP error status (kept in ``status``)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RequestTimeoutError(NetworkError):
+    """The server stopped answering for longer than ``FLOWHUB_TIMEOUT`` seconds, retries included."""
+
+
+class OfflineError(FlowhubError, RuntimeError):
+    """``FLOWHUB_OFFLINE`` is set and what was asked for is not in the cache."""
+
+
+# -- integrity of what was downloaded ------------------------------------------------------------
+class IntegrityError(FlowhubError, RuntimeError):
+    """Downloaded or cached bytes are not what they should be (size, hash, archive structure)."""
+
+
+class IncompleteDownloadError(IntegrityError):
+    """The server sent fewer (or more) bytes than it announced."""
+
+
+class HashMismatchError(IntegrityError):
+    """The SHA-256 of a file does not match the expected hash (prefix)."""
+
+
+class ArchiveError(IntegrityError):
+    """An archive is not a valid zip, or holds members that would escape its folder."""
+
+
+# -- trust --------------------------------------------------------------------------------------
+class UntrustedRepositoryError(FlowhubError):
+    """The user did not (or, without a terminal, could not) confirm that a repository is trusted."""
+
+
+# -- isolated workers ---------------------------------------------------------------------------
+class WorkerError(FlowhubError, RuntimeError):
+    """Something went wrong running a repository's hubconf in its worker process."""
+
+
+class WorkerCrashedError(WorkerError):
+    """The worker process died (its exit code or signal is in the message)."""
+
+
+class WorkerTimeoutError(WorkerError, TimeoutError):
+    """One call into a worker took longer than ``FLOWHUB_WORKER_TIMEOUT`` seconds; the worker was killed."""
+
+
+class HubconfError(WorkerError):
+    """Hubconf code raised an exception whose type cannot be rebuilt in the caller (its name and
+    the worker's traceback are in the message)."""
+
+
+class TransferError(WorkerError):
+    """The entrypoint's result cannot be sent back to the caller by value; ``mode="proxy"`` keeps it in the worker."""

@@ -1,0 +1,140 @@
+"""``Hub``: the object users hold. It carries settings and runs list / help / load and the downloads.
+
+Explicit constructor arguments win; anything left as ``None`` is read from the environment when a
+call is made (see :mod:`flowhub.settings`). The module-level functions in :mod:`flowhub.api` are
+thin wrappers over a default ``Hub``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Union
+
+from flowhub import checkpoints, entrypoints, repos, settings as settings_mod
+from flowhub.download import download
+from flowhub.errors import RepoSpecError
+from flowhub.network import HttpClient
+from flowhub.settings import Settings
+from flowhub.spec import parse_repo_spec
+from flowhub.trust import TrustArg
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Hub:
+    """A model hub with its own settings.
+
+    Args:
+        hub_dir: cache folder (default: ``$ONEFLOW_HOME/hub``, ``$XDG_CACHE_HOME/oneflow/hub``, ``~/.cache/oneflow/hub``).
+        github_url: web and archive base URL (``FLOWHUB_GITHUB_URL``, default ``https://github.com``).
+        github_api_url: API base URL (``FLOWHUB_GITHUB_API_URL``, default ``https://api.github.com``).
+        offline: use only the cache, never the network (``FLOWHUB_OFFLINE``).
+        timeout: seconds one request may wait for the server (``FLOWHUB_TIMEOUT``, default 10).
+        retries: retries of a failed request (``FLOWHUB_RETRIES``, default 2).
+        lock_timeout: seconds to wait for another process's download before going on (``FLOWHUB_LOCK_TIMEOUT``).
+        mode: ``"inprocess"``, ``"rebuild"`` or ``"proxy"`` (``FLOWHUB_MODE``).
+        worker_timeout: seconds one call into a worker may take (``FLOWHUB_WORKER_TIMEOUT``).
+        sandbox: run workers sandboxed (``FLOWHUB_SANDBOX``).
+        mock_torch: run torch-style hubconfs on OneFlow through ``oneflow.mock_torch`` (isolated modes).
+    """
+
+    def __init__(self, hub_dir: Optional[PathLike] = None, *, github_url: Optional[str] = None,
+                 github_api_url: Optional[str] = None, offline: Optional[bool] = None,
+                 timeout: Optional[float] = None, retries: Optional[int] = None,
+                 lock_timeout: Optional[float] = None, mode: Optional[str] = None,
+                 worker_timeout: Optional[float] = None, sandbox: Optional[bool] = None,
+                 mock_torch: bool = False) -> None:
+        self._overrides = dict(hub_dir=os.fspath(hub_dir) if hub_dir is not None else None,
+                               github_url=github_url, github_api_url=github_api_url, offline=offline,
+                               timeout=timeout, retries=retries, lock_timeout=lock_timeout, mode=mode,
+                               worker_timeout=worker_timeout, sandbox=sandbox)
+        self.mock_torch = mock_torch
+        self.settings()  # validate the explicit arguments now
+
+    def settings(self) -> Settings:
+        """The effective settings, read from the environment now."""
+        return settings_mod.resolve(self._overrides)
+
+    def _client(self) -> HttpClient:
+        return HttpClient(self.settings())
+
+    # -- hub directory ----------------------------------------------------------------------------
+    def get_dir(self) -> str:
+        """The cache folder this hub uses."""
+        return self.settings().hub_dir
+
+    def set_dir(self, d: PathLike) -> None:
+        """Use ``d`` (``~`` expanded) as the cache folder from now on."""
+        self._overrides["hub_dir"] = os.path.expanduser(os.fspath(d))
+
+    # -- list / help / load -----------------------------------------------------------------------
+    def list(self, github: str, force_reload: bool = False, skip_validation: bool = False,
+             trust_repo: TrustArg = None, verbose: bool = True) -> List[str]:
+        """All public callable entrypoints in the repo's ``hubconf.py``."""
+        checkout = self._checkout(github, force_reload, skip_validation, trust_repo, "list", verbose)
+        return self._run(checkout.path, self._worker_key(checkout), str(checkout.spec), "list")
+
+    def help(self, github: str, model: str, force_reload: bool = False, skip_validation: bool = False,
+             trust_repo: TrustArg = None) -> Optional[str]:
+        """The docstring of entrypoint ``model``."""
+        checkout = self._checkout(github, force_reload, skip_validation, trust_repo, "help", True)
+        return self._run(checkout.path, self._worker_key(checkout), str(checkout.spec), "help", model)
+
+    def load(self, repo_or_dir: str, model: str, *args: Any, source: str = "github", trust_repo: TrustArg = None,
+             force_reload: bool = False, verbose: bool = True, skip_validation: bool = False, **kwargs: Any) -> Any:
+        """Call entrypoint ``model`` of a GitHub repo (``owner/repo[:ref]``) or a local folder, and return its result."""
+        source = source.lower() if isinstance(source, str) else source
+        if source not in ("github", "local"):
+            raise RepoSpecError(f'Unknown source: "{source}". Allowed values: "github" | "local".')
+        if source == "github":
+            checkout = self._checkout(repo_or_dir, force_reload, skip_validation, trust_repo, "load", verbose)
+            repo_dir, key, label = checkout.path, self._worker_key(checkout), str(checkout.spec)
+        else:
+            repo_dir = os.path.abspath(os.path.expanduser(os.fspath(repo_or_dir)))
+            if not os.path.isdir(repo_dir):
+                raise FileNotFoundError(f"{repo_or_dir} is not a folder; source='local' needs a folder with a hubconf.py.")
+            key, label = f"local:{os.path.realpath(repo_dir)}", repo_dir
+        return self._run(repo_dir, key, label, "load", model, args, kwargs,
+                         refresh_weights=force_reload and source == "github")
+
+    def _checkout(self, github: str, force_reload: bool, skip_validation: bool, trust_repo: TrustArg,
+                  calling_fn: str, verbose: bool) -> repos.Checkout:
+        return repos.get_checkout(self._client(), parse_repo_spec(github), force_reload=force_reload,
+                                  skip_validation=skip_validation, trust_repo=trust_repo,
+                                  calling_fn=calling_fn, verbose=verbose)
+
+    def _worker_key(self, checkout: repos.Checkout) -> str:
+        spec = checkout.spec
+        return f"{spec.key}@{checkout.sha or spec.ref}:{os.path.realpath(checkout.path)}"
+
+    def _run(self, repo_dir: str, key: str, label: str, op: str, model: Optional[str] = None,
+             args: tuple = (), kwargs: Optional[dict] = None, refresh_weights: bool = False) -> Any:
+        from flowhub import api
+
+        settings = self.settings()
+        if settings.mode == "inprocess":
+            with api.serving(self, refresh_weights):
+                return entrypoints.run_in_process(repo_dir, op, model, args, kwargs)
+        from flowhub.worker import get_manager
+
+        return get_manager().call(repo_dir=repo_dir, key=f"{key}|mock_torch={self.mock_torch}", op=op, model=model,
+                                  args=tuple(args), kwargs=dict(kwargs or {}), mode=settings.mode,
+                                  settings=dict(settings.as_dict(), refresh_weights=refresh_weights),
+                                  timeout=settings.worker_timeout, label=label, mock_torch=self.mock_torch)
+
+    # -- downloads ----------------------------------------------------------------------------------
+    def download_url_to_file(self, url: str, dst: PathLike, hash_prefix: Optional[str] = None,
+                             progress: bool = True) -> None:
+        """Download ``url`` to ``dst`` (atomically, resumably, verified against ``hash_prefix`` if given)."""
+        download(self._client(), url, os.fspath(dst), hash_prefix=hash_prefix, progress=progress)
+
+    def load_state_dict_from_url(self, url: str, model_dir: Optional[PathLike] = None, map_location: Any = None,
+                                 progress: bool = True, check_hash: bool = False,
+                                 file_name: Optional[str] = None) -> Any:
+        """Download (once) and ``oneflow.load`` the checkpoint at ``url``; zipped checkpoint folders are extracted once."""
+        client = self._client()
+        folder = os.fspath(model_dir) if model_dir is not None else os.path.join(client.settings.hub_dir, "checkpoints")
+        from flowhub import api
+
+        cached = checkpoints.fetch_weights(client, url, folder, progress=progress, check_hash=check_hash,
+                                           file_name=file_name, refresh=api.claim_refresh)
+        return checkpoints.load_checkpoint(cached, map_location, client.settings.lock_timeout)

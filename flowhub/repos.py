@@ -1,0 +1,182 @@
+"""Repository checkouts in the hub cache: resolve the ref, check trust, fetch once, publish atomically.
+
+Layout (the reference's, so an existing oneflow.hub cache keeps working)::
+
+    <hub>/<owner>_<repo>_<ref with / as _>/    the extracted repository
+    <hub>/trusted_list
+    <hub>/.flowhub/refs/<owner>_<repo>.json     default branch and the commit SHA each ref resolved to
+    <hub>/.flowhub/entries/<folder>.json        completion record of a checkout (written last)
+    <hub>/.flowhub/locks/, tmp/, trash/         locks, staging folders, replaced folders
+
+A cache hit makes no network request: with an explicit ref, and without one once the default branch
+has been remembered on disk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import warnings
+from typing import Optional
+
+from flowhub import archive, github, store, trust
+from flowhub.download import download
+from flowhub.errors import ArchiveError, HTTPStatusError, NetworkError, OfflineError, RateLimitError, ResolveError
+from flowhub.network import HttpClient
+from flowhub.settings import ENV_OFFLINE
+from flowhub.spec import RepoSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkout:
+    """A repository folder in the cache and what it was resolved from."""
+
+    path: str
+    spec: RepoSpec
+    sha: Optional[str]
+
+
+class RefIndex:
+    """``<hub>/.flowhub/refs/<owner>_<repo>.json``: the remembered default branch and ref → SHA."""
+
+    def __init__(self, hub_dir: str, spec: RepoSpec) -> None:
+        self.path = os.path.join(hub_dir, store.META_DIR, "refs", store.lock_name(spec.key)[:-5] + ".json")
+
+    def load(self) -> dict:
+        data = store.read_json(self.path)
+        return data if isinstance(data, dict) else {}
+
+    def default_branch(self) -> Optional[str]:
+        return self.load().get("default_branch")
+
+    def sha(self, ref: str) -> Optional[str]:
+        return (self.load().get("refs") or {}).get(ref, {}).get("sha")
+
+    def update(self, *, default_branch: Optional[str] = None, ref: Optional[str] = None,
+               sha: Optional[str] = None) -> None:
+        """Best effort: a read-only or contended cache must not make a load fail."""
+        try:
+            data = self.load()
+            if default_branch:
+                data["default_branch"] = default_branch
+            if ref and sha:
+                data.setdefault("refs", {})[ref] = {"sha": sha, "resolved_at": time.time()}
+            store.write_json_atomic(self.path, data)
+        except OSError:
+            pass
+
+
+def _entry_record_path(hub_dir: str, folder: str) -> str:
+    return os.path.join(hub_dir, store.META_DIR, "entries", folder.lower() + ".json")
+
+
+def read_entry_record(hub_dir: str, folder: str) -> Optional[dict]:
+    record = store.read_json(_entry_record_path(hub_dir, folder))
+    return record if isinstance(record, dict) else None
+
+
+def _is_complete(hub_dir: str, path: str) -> bool:
+    """A folder under its final name is complete unless its record says files have since vanished."""
+    if not os.path.isdir(path):
+        return False
+    record = read_entry_record(hub_dir, os.path.basename(path))
+    if record and record.get("has_hubconf") and not os.path.isfile(os.path.join(path, "hubconf.py")):
+        return False
+    return True
+
+
+def resolve_default_branch(client: HttpClient, hub_dir: str, spec: RepoSpec, force: bool) -> str:
+    """The branch to use when the user gave none: remembered on disk, else probed like the reference."""
+    index = RefIndex(hub_dir, spec)
+    remembered = None if force else index.default_branch()
+    if remembered:
+        return remembered
+    if client.settings.offline:
+        for branch in ("main", "master"):
+            if store.find_case_insensitive(hub_dir, spec.dir_name(branch)):
+                return branch
+        client.check_online(f"Finding the default branch of {spec.owner}/{spec.repo}")
+    try:
+        branch = github.probe_default_branch(client, spec)
+    except (NetworkError, RateLimitError):
+        for branch in ("main", "master"):
+            if store.find_case_insensitive(hub_dir, spec.dir_name(branch)):
+                warnings.warn(f"Could not reach {client.settings.github_url} to find the default branch of "
+                              f"{spec.owner}/{spec.repo}; using the cached '{branch}'.")
+                return branch
+        raise
+    index.update(default_branch=branch)
+    return branch
+
+
+def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = False, skip_validation: bool = False,
+                 trust_repo: trust.TrustArg = None, calling_fn: str = "load", verbose: bool = True) -> Checkout:
+    """Return the cached checkout of ``spec``, downloading and publishing it first if needed."""
+    hub_dir = client.settings.hub_dir
+    os.makedirs(hub_dir, exist_ok=True)
+    ref = spec.ref or resolve_default_branch(client, hub_dir, spec, force_reload)
+    spec = spec.with_ref(ref)
+    trust.check_trust(hub_dir, spec, ref, trust_repo, calling_fn)
+
+    folder = spec.dir_name(ref)
+    index = RefIndex(hub_dir, spec)
+    existing = store.find_case_insensitive(hub_dir, folder)
+    if existing and not force_reload and _is_complete(hub_dir, existing):
+        if verbose:
+            sys.stderr.write(f"Using cache found in {existing}\n")
+        return Checkout(existing, spec, index.sha(ref))
+    if client.settings.offline:
+        raise OfflineError(
+            f"{spec} is not in the cache at {hub_dir} and offline mode is on ({ENV_OFFLINE}=1). "
+            f"Load it once with network access, or unset {ENV_OFFLINE}.")
+
+    lock = os.path.join(store.meta_dir(hub_dir, "locks"), store.lock_name(f"repo-{spec.key}-{ref}"))
+    with store.entry_lock(lock, client.settings.lock_timeout, f"downloading {spec}"):
+        existing = store.find_case_insensitive(hub_dir, folder)
+        if existing and not force_reload and _is_complete(hub_dir, existing):
+            return Checkout(existing, spec, index.sha(ref))  # another process fetched it while we waited
+        sha = None if skip_validation else github.validate_ref(client, spec, ref)
+        final = existing or os.path.join(hub_dir, folder)
+        sha = _fetch_and_publish(client, spec, ref, final, replace=bool(existing)) or sha
+    index.update(ref=ref, sha=sha)
+    return Checkout(final, spec, sha)
+
+
+def _fetch_and_publish(client: HttpClient, spec: RepoSpec, ref: str, final: str, replace: bool) -> Optional[str]:
+    hub_dir = client.settings.hub_dir
+    stage = store.staging_dir(hub_dir)
+    try:
+        zip_path = os.path.join(stage, "archive.zip")
+        url = github.archive_url(client, spec, ref)
+        sys.stderr.write(f'Downloading: "{url}" to {zip_path}\n')
+        try:
+            download(client, url, zip_path, progress=False)
+        except HTTPStatusError as exc:
+            if exc.status == 300:
+                warnings.warn("The ref {0} is ambiguous. Perhaps it is both a tag and a branch in the repo? "
+                              "flowhub will now assume that it's a branch. You can disambiguate tags and branches "
+                              "by explicitly passing refs/heads/<ref> or refs/tags/<ref>.".format(ref))
+                download(client, github.archive_url(client, spec, "refs/heads/" + ref), zip_path, progress=False)
+            elif exc.status == 404:
+                raise ResolveError(f"Cannot find {ref} in {github.repo_web_url(client, spec)} "
+                                   f"(the archive URL answered 404). Check the branch, tag or commit name.") from None
+            else:
+                raise
+        sha = archive.commit_sha_of(zip_path)
+        extracted = os.path.join(stage, "x")
+        os.makedirs(extracted)
+        members = archive.extract_zip(zip_path, extracted, f"Extracting the archive of {spec}")
+        top = archive.top_folder(members)
+        if top is None:
+            raise ArchiveError(f"The archive of {spec} from {url} does not have the single top folder GitHub "
+                               "archives have; refusing to use it.")
+        source = os.path.join(extracted, top)
+        has_hubconf = os.path.isfile(os.path.join(source, "hubconf.py"))
+        store.publish_dir(source, final, hub_dir, replace=replace)
+        store.write_json_atomic(_entry_record_path(hub_dir, os.path.basename(final)), {
+            "repo": f"{spec.owner}/{spec.repo}", "ref": ref, "sha": sha, "url": url, "files": len(members),
+            "has_hubconf": has_hubconf, "fetched_at": time.time()})
+        return sha
+    finally:
+        store.remove_tree(stage)

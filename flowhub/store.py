@@ -1,0 +1,134 @@
+"""Cache primitives shared by every kind of entry: locks, atomic publishing, metadata files.
+
+Correctness never depends on a lock (NFS and Lustre may ignore them): every writer builds its entry
+under a unique temp name in the same folder and publishes it with one atomic rename, and readers
+only trust what exists under its final name. Locks only keep concurrent processes from downloading
+the same thing twice. ``flock`` locks die with their holder, and a lock still held after
+``FLOWHUB_LOCK_TIMEOUT`` seconds is ignored with a warning rather than waited on forever.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import uuid
+import warnings
+from typing import Any, Iterator, Optional
+
+import filelock
+
+META_DIR = ".flowhub"
+
+
+def meta_dir(root: str, *parts: str) -> str:
+    """``<root>/.flowhub/<parts...>``, created if needed."""
+    path = os.path.join(root, META_DIR, *parts)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def lock_name(text: str) -> str:
+    """A file name for a lock keyed by ``text`` (case-folded, path separators removed)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text.lower())[:200] + ".lock"
+
+
+@contextlib.contextmanager
+def entry_lock(lock_path: str, timeout: float, what: str) -> Iterator[bool]:
+    """Hold the lock for one cache entry; yields False if we gave up waiting and went on without it."""
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    lock = filelock.FileLock(lock_path, mode=0o664)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        sys.stderr.write(f"flowhub: waiting for another process that is {what}...\n")
+        try:
+            lock.acquire(timeout=timeout, poll_interval=0.05)
+        except filelock.Timeout:
+            warnings.warn(
+                f"flowhub: another process has been {what} for more than {timeout:g} s (lock {lock_path}); "
+                "going on without the lock. The result stays correct; at worst the work is done twice.",
+                stacklevel=3)
+            yield False
+            return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write JSON to ``path`` through a temp file and ``os.replace`` (readers see old or new, never half)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_json(path: str) -> Optional[Any]:
+    """The JSON in ``path``, or None if it is missing or unreadable (a corrupt record is not fatal)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def staging_dir(root: str) -> str:
+    """A fresh, unique folder under ``<root>/.flowhub/tmp`` on the same filesystem as ``root``."""
+    path = os.path.join(meta_dir(root, "tmp"), uuid.uuid4().hex)
+    os.makedirs(path)
+    return path
+
+
+def remove_tree(path: str) -> None:
+    """Remove a file or folder if it exists, ignoring errors (used for temp data and trash)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def publish_dir(staged: str, final: str, root: str, replace: bool = False) -> bool:
+    """Atomically move the finished folder ``staged`` to ``final``.
+
+    If ``final`` already exists it is complete (it was published the same way); unless ``replace`` is
+    set, ours is discarded and False returned. With ``replace``, the old folder is first renamed into
+    the trash, so no reader ever sees a half-replaced folder.
+    """
+    if replace and os.path.lexists(final):
+        trash = os.path.join(meta_dir(root, "trash"), uuid.uuid4().hex)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(final, trash)
+        remove_tree(trash)
+    try:
+        os.rename(staged, final)
+        return True
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+        remove_tree(staged)
+        return False
+
+
+def find_case_insensitive(parent: str, name: str) -> Optional[str]:
+    """The path of ``parent/name`` whatever the case of ``name`` (exact spelling preferred), or None."""
+    exact = os.path.join(parent, name)
+    if os.path.exists(exact):
+        return exact
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return None
+    lowered = name.lower()
+    for entry in sorted(entries):
+        if entry.lower() == lowered:
+            return os.path.join(parent, entry)
+    return None

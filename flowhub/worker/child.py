@@ -1,0 +1,166 @@
+"""The code that runs inside a worker process (forked from the zygote), serving one repository.
+
+The worker imports the repository's ``hubconf.py`` once (with ``oneflow.mock_torch`` enabled first
+when asked), then answers requests until its socket closes::
+
+    request  {"op": "list"|"help"|"load", "model", "mode", "size", "table"}
+             body = encoded (settings, args, kwargs), optional memfd of their tensors
+    reply    {"ok": true, "size", "table"}  body = encoded result, optional memfd
+             {"ok": false, "kind": "hubconf"|"transfer", "error": {...}, "fatal": bool}
+             body = the exception pickled by reference (or empty)
+
+Before every request it hands the caller's settings to :func:`flowhub.api.adopt_settings`, so weight
+downloads the hubconf makes (through flowhub or ``oneflow.hub``) use the caller's cache and
+options. ``SystemExit`` from hubconf code ends the worker with that exit code (the caller then
+reports a crash) instead of being passed on to end the caller.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import sys
+import types
+from typing import Any, List, Optional, Tuple
+
+from flowhub import entrypoints
+from flowhub.errors import TransferError
+from flowhub.worker import failures, protocol, rebuild, transfer
+
+OPS = ("list", "help", "load")
+
+
+class _Failure(Exception):
+    """Carries an exception out of a request together with how the caller should see it."""
+
+    def __init__(self, kind: str, exc: BaseException, fatal: bool = False) -> None:
+        super().__init__(kind)
+        self.kind, self.exc, self.fatal = kind, exc, fatal
+
+
+class WorkerLoop:
+    """Serves list/help/load requests for the repository at ``repo_dir`` over ``sock``."""
+
+    def __init__(self, sock: socket.socket, repo_dir: str, mock_torch: bool) -> None:
+        self.sock = sock
+        self.repo_dir = repo_dir
+        self.mock_torch = mock_torch
+        self.modules = rebuild.ByValueModules(repo_dir)
+        self._hubconf: Optional[types.ModuleType] = None
+
+    # -- the repository ---------------------------------------------------------------------------
+    def hubconf(self) -> types.ModuleType:
+        """Import ``hubconf.py`` on first use; the repo folder stays first on this process's path."""
+        if self._hubconf is None:
+            if self.mock_torch:
+                import oneflow.mock_torch
+
+                oneflow.mock_torch.enable()
+            if self.repo_dir not in sys.path:
+                sys.path.insert(0, self.repo_dir)
+            try:
+                self._hubconf = entrypoints.import_hubconf(self.repo_dir)
+            except Exception as exc:
+                raise _Failure("hubconf", exc, fatal=True) from None
+        return self._hubconf
+
+    def run(self, op: str, model: Optional[str], args: tuple, kwargs: dict) -> Any:
+        module = self.hubconf()
+        try:
+            if op == "list":
+                return entrypoints.list_entrypoints(module)
+            if op == "help":
+                return entrypoints.entrypoint_doc(module, model)
+            return entrypoints.find_entrypoint(module, model)(*args, **kwargs)
+        except Exception as exc:
+            raise _Failure("hubconf", exc) from None
+
+    # -- one request --------------------------------------------------------------------------------
+    def _decode_request(self, header: dict, body: bytes, fds: List[int]) -> Tuple[Optional[dict], tuple, dict]:
+        try:
+            table = header.get("table") or []
+            arrays = transfer.unpack(fds[0] if fds else None, int(header.get("size", 0)), table)
+            fds.clear()
+            settings, args, kwargs = rebuild.decode(body, arrays, table)
+            return settings, tuple(args), dict(kwargs)
+        except Exception as exc:
+            raise _Failure("transfer", TransferError(
+                f"the arguments could not be rebuilt in the worker: {type(exc).__name__}: {exc}")) from None
+
+    def handle(self, header: dict, body: bytes, fds: List[int]) -> None:
+        op, model = header.get("op"), header.get("model")
+        packed: Optional[transfer.Packed] = None
+        try:
+            if op not in OPS:
+                raise _Failure("transfer", ValueError(f"unknown worker operation {op!r}"))
+            settings, args, kwargs = self._decode_request(header, body, fds)
+            if settings is not None:
+                from flowhub.api import adopt_settings
+
+                adopt_settings(settings)
+            result = self.run(op, model, args, kwargs)
+            del args, kwargs
+            self.modules.refresh()
+            try:
+                encoded = rebuild.encode(result)
+                del result
+                packed = transfer.pack(encoded.arrays, name="flowhub-result")
+            except Exception as exc:
+                raise _Failure("transfer", TransferError(
+                    f"the result of {model or op!r} cannot be sent back by value "
+                    f"({type(exc).__name__}: {exc}); use mode=\"proxy\" to keep it in the worker")) from None
+            table = [dict(entry, **meta) for entry, meta in zip(packed.table, encoded.meta)]
+            protocol.send_message(self.sock, {"ok": True, "size": packed.size, "table": table}, encoded.blob,
+                                  [packed.fd] if packed.fd is not None else [])
+        except _Failure as failure:
+            self.modules.refresh()
+            info, blob = failures.describe(failure.exc, self.modules.is_repo_module)
+            protocol.send_message(self.sock, {"ok": False, "kind": failure.kind, "error": info,
+                                              "fatal": failure.fatal}, blob)
+        finally:
+            protocol.close_fds(fds)
+            if packed is not None:
+                packed.close()
+
+    def serve(self) -> None:
+        """Answer requests until the caller closes the socket."""
+        while True:
+            try:
+                header, body, fds = protocol.recv_message(self.sock)
+            except (protocol.PeerClosed, ConnectionError):
+                return
+            self.handle(header, body, fds)
+            del body
+            if gc.get_count()[0] > 200:
+                gc.collect()
+
+
+def _exit_code(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def main(sock_fd: int, spec: dict) -> None:
+    """Entry point of a freshly forked worker; never returns (ends with ``os._exit``)."""
+    code = 0
+    try:
+        sock = socket.socket(fileno=sock_fd)
+        WorkerLoop(sock, spec["repo_dir"], bool(spec.get("mock_torch"))).serve()
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except BaseException:  # a bug in this loop, not in hubconf code: say so, then exit
+        import traceback
+
+        traceback.print_exc()
+        code = 70
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)

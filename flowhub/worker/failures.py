@@ -1,0 +1,96 @@
+"""How an exception raised by hubconf code crosses from a worker to the caller.
+
+Worker side (:func:`describe`): the exception's type name, message and formatted traceback go in
+the JSON reply. When the type is not defined by repository code, the exception itself is also
+pickled *by reference* (plain pickle), so the caller can rebuild the very same type.
+
+Caller side (:func:`rebuild`): unpickles that exception when its type is importable in the caller
+(builtins, ``flowhub.errors``, installed libraries) and puts the repo label, the entrypoint and the
+worker's traceback into its message; any other type becomes a ``HubconfError`` that names it.
+"""
+from __future__ import annotations
+
+import pickle
+import sys
+import traceback
+from typing import Callable, Optional, Tuple
+
+from flowhub.errors import HubconfError
+
+_MAX_TRACEBACK = 64 << 10
+
+
+class WorkerTraceback(Exception):
+    """Attached as ``__cause__`` when the original message could not carry the worker's traceback."""
+
+
+def _importable_by_name(cls: type) -> bool:
+    module = sys.modules.get(cls.__module__)
+    if module is None or "<locals>" in cls.__qualname__:
+        return False
+    obj = module
+    for part in cls.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+    return obj is cls
+
+
+def describe(exc: BaseException, is_repo_module: Callable[[object], bool]) -> Tuple[dict, bytes]:
+    """Worker side: ``({type, message, traceback}, pickled exception or b"")``."""
+    cls = type(exc)
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not hide the failure itself
+        message = f"<unprintable {cls.__name__}>"
+    text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    if len(text) > _MAX_TRACEBACK:
+        text = "...\n" + text[-_MAX_TRACEBACK:]
+    info = {"type": f"{cls.__module__}.{cls.__qualname__}", "message": message, "traceback": text}
+    blob = b""
+    module = sys.modules.get(cls.__module__)
+    if _importable_by_name(cls) and not is_repo_module(module):
+        try:
+            blob = pickle.dumps(exc, protocol=5)
+        except Exception:
+            blob = b""
+    return info, blob
+
+
+def _with_message(exc: BaseException, full: str, label: str) -> BaseException:
+    """Put ``full`` into ``exc``'s message if its type keeps a plain one-string message."""
+    if isinstance(exc, KeyError) or not (len(exc.args) <= 1 and all(isinstance(a, str) for a in exc.args)):
+        exc.__cause__ = WorkerTraceback(full)
+        return exc
+    old_args, old_msg = exc.args, getattr(exc, "msg", None)
+    exc.args = (full,)
+    if isinstance(old_msg, str):  # ImportError and SyntaxError print .msg, not .args
+        try:
+            exc.msg = full  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    try:
+        if label in str(exc):
+            return exc
+    except Exception:
+        pass
+    exc.args = old_args
+    exc.__cause__ = WorkerTraceback(full)
+    return exc
+
+
+def rebuild(info: dict, blob: bytes, context: str, label: str) -> BaseException:
+    """Caller side: the exception to raise for a failure the worker described."""
+    type_name = str(info.get("type", "Exception"))
+    message = str(info.get("message", ""))
+    tb = str(info.get("traceback", "")).rstrip()
+    exc: Optional[BaseException] = None
+    if blob:
+        try:
+            candidate = pickle.loads(blob)
+            if isinstance(candidate, BaseException):
+                exc = candidate
+        except Exception:
+            exc = None
+    if exc is not None:
+        full = f"{message}\n\n[{context} raised this in its worker process]\nWorker traceback:\n{tb}"
+        return _with_message(exc, full, label)
+    return HubconfError(f"{context} raised {type_name}: {message}\n\nWorker traceback:\n{tb}")

@@ -1,0 +1,121 @@
+"""Message framing between the caller, the zygote and the workers.
+
+One message on a connected ``AF_UNIX`` stream socket is::
+
+    !IQ prefix (JSON header length, body length) | JSON header | body bytes
+
+File descriptors (a sealed memfd of tensors, a worker's socket) travel as ``SCM_RIGHTS`` ancillary
+data on the first ``sendmsg`` of a message; the kernel never merges such a segment with the data of
+another message, so they always arrive with the prefix. Received descriptors are close-on-exec.
+
+Both ends use the same two functions. Deadlines are absolute ``time.monotonic()`` values (``None``
+waits for ever); a deadline that passes raises :class:`TimeoutError`, a closed peer raises
+:class:`PeerClosed`.
+"""
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import struct
+import time
+from typing import List, Optional, Sequence, Tuple
+
+_PREFIX = struct.Struct("!IQ")
+MAX_FDS = 4
+MAX_HEADER = 64 << 20  # a JSON header (tensor table, traceback text) never gets near this
+MAX_BODY = 1 << 40
+
+Message = Tuple[dict, bytes, List[int]]
+
+
+class PeerClosed(EOFError):
+    """The other end closed its socket (usually: the process died)."""
+
+
+class ProtocolError(RuntimeError):
+    """The peer sent bytes that are not a well-formed message."""
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+def send_message(sock: socket.socket, header: dict, body: bytes = b"", fds: Sequence[int] = ()) -> None:
+    """Send one message; ``fds`` are duplicated into the receiver (the sender keeps its own)."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    first = _PREFIX.pack(len(head), len(body)) + head
+    sock.settimeout(None)
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([first], ancillary)
+        if sent < len(first):
+            sock.sendall(first[sent:])
+    else:
+        sock.sendall(first)
+    if body:
+        sock.sendall(body)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        sock.settimeout(_remaining(deadline))
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise PeerClosed("peer closed the connection in the middle of a message")
+        got += k
+    return buf
+
+
+def recv_message(sock: socket.socket, deadline: Optional[float] = None) -> Message:
+    """Receive one message: ``(header, body, fds)``. The caller owns (and must close) ``fds``."""
+    fds: List[int] = []
+    try:
+        sock.settimeout(_remaining(deadline))
+        data, ancdata, flags, _ = sock.recvmsg(
+            _PREFIX.size, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        if not data:
+            raise PeerClosed("peer closed the connection")
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("file descriptors were truncated (more than %d sent)" % MAX_FDS)
+        if len(data) < _PREFIX.size:
+            data = bytes(data) + bytes(_recv_exact(sock, _PREFIX.size - len(data), deadline))
+        head_len, body_len = _PREFIX.unpack(data)
+        if head_len > MAX_HEADER or body_len > MAX_BODY:
+            raise ProtocolError(f"message too large (header {head_len} B, body {body_len} B)")
+        head = _recv_exact(sock, head_len, deadline)
+        body = bytes(_recv_exact(sock, body_len, deadline)) if body_len else b""
+        try:
+            header = json.loads(head)
+        except ValueError as exc:
+            raise ProtocolError(f"bad message header: {exc}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("message header is not a JSON object")
+        return header, body, fds
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close descriptors, ignoring ones already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+

@@ -1,0 +1,181 @@
+"""Moving arrays between processes through one sealed memfd.
+
+Sender (:func:`pack`): every array is written with ``os.pwrite`` at a 64-byte aligned offset of a
+fresh ``memfd`` (the sender never maps it, so its own memory stays flat), then the memfd is sealed
+against writes, shrinking and growing. The fd travels over ``SCM_RIGHTS`` with a JSON table of
+``{dtype, shape, offset, nbytes}`` entries.
+
+Receiver (:func:`unpack`): checks the seals, the size and every table entry (dtype allow-list,
+``prod(shape) * itemsize == nbytes``, extents inside the memfd, no overlaps) *before* making any
+view, maps the memfd once ``MAP_PRIVATE`` and writable (copy-on-write: a tensor built on it can be
+trained in place, and the sender's pages are never changed), and returns numpy views of it. The
+mapping goes away when the last view (or tensor wrapping one) is freed. The fd itself is closed as
+soon as it is mapped, so a living model holds no descriptor.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from flowhub.errors import TransferError
+
+ALIGN = 64
+MAX_ENTRIES = 1 << 20
+MAX_NDIM = 64
+_CHUNK = 1 << 30  # one pwrite never moves more than this (Linux caps a write near 2 GiB)
+
+#: dtypes that may cross; everything else (object, structured, datetime...) is refused.
+DTYPES = {name: np.dtype(name) for name in (
+    "bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128")}
+
+REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+MADV_POPULATE_READ = 22
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@dataclass
+class Packed:
+    """What :func:`pack` produced: ``fd`` is ``None`` when there are no bytes to send."""
+
+    fd: Optional[int]
+    size: int
+    table: List[dict] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def pack(arrays: Sequence[np.ndarray], name: str = "flowhub") -> Packed:
+    """Write ``arrays`` into a new sealed memfd (sender side)."""
+    table, flat, offset = [], [], 0
+    for arr in arrays:
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
+        if arr.dtype.name not in DTYPES:
+            raise TransferError(f"arrays of dtype {arr.dtype} cannot be transferred")
+        offset = -(-offset // ALIGN) * ALIGN
+        table.append({"dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes})
+        flat.append(arr.reshape(-1).view(np.uint8) if arr.nbytes else None)
+        offset += arr.nbytes
+    if offset == 0:
+        for entry in table:
+            entry["offset"] = 0
+        return Packed(None, 0, table)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, offset)
+        for entry, raw in zip(table, flat):
+            if raw is None:
+                continue
+            view, pos, done = memoryview(raw), entry["offset"], 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:done + _CHUNK], pos + done)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Packed(fd, offset, table)
+
+
+def validate(table: object, size: int) -> List[tuple]:
+    """Check a table from the other process against a payload of ``size`` bytes.
+
+    Returns ``[(dtype, shape, offset, nbytes)]``; raises :class:`TransferError` on anything odd.
+    """
+    if not isinstance(table, list) or len(table) > MAX_ENTRIES:
+        raise TransferError("tensor table is not a list of acceptable length")
+    out, extents = [], []
+    for i, entry in enumerate(table):
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            offset, nbytes = entry["offset"], entry["nbytes"]
+        except (KeyError, TypeError):
+            raise TransferError(f"tensor table entry {i} is malformed or has a refused dtype: {entry!r:.200}") from None
+        ints = (offset, nbytes) + shape
+        if len(shape) > MAX_NDIM or not all(type(v) is int and v >= 0 for v in ints):
+            raise TransferError(f"tensor table entry {i} has a bad shape, offset or size: {entry!r:.200}")
+        count = 1
+        for dim in shape:
+            count *= dim
+        if count * dtype.itemsize != nbytes:
+            raise TransferError(f"tensor table entry {i}: shape {shape} x {dtype.itemsize} B != {nbytes} B")
+        if offset % dtype.itemsize or offset + nbytes > size:
+            raise TransferError(f"tensor table entry {i}: bytes [{offset}, {offset + nbytes}) are misaligned "
+                                f"or outside the {size}-byte payload")
+        if nbytes:
+            extents.append((offset, offset + nbytes, i))
+        out.append((dtype, shape, offset, nbytes))
+    extents.sort()
+    for (_, end, i), (start, _, j) in zip(extents, extents[1:]):
+        if start < end:
+            raise TransferError(f"tensor table entries {i} and {j} overlap")
+    return out
+
+
+class _Mapping:
+    """One private writable mapping of a memfd, unmapped when the last array viewing it dies."""
+
+    def __init__(self, fd: int, size: int, populate: bool) -> None:
+        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise TransferError(f"cannot map the transferred tensors: {os.strerror(err)}")
+        self.addr, self.size = addr, size
+        if populate:
+            _libc.madvise(addr, size, MADV_POPULATE_READ)  # best effort: pre-fault without copying
+        self.__array_interface__ = {"data": (addr, False), "shape": (size,), "typestr": "|u1", "version": 3}
+
+    def __del__(self) -> None:
+        if getattr(self, "addr", None):
+            _libc.munmap(self.addr, self.size)
+            self.addr = None
+
+
+def check_fd(fd: int, size: int) -> None:
+    """The memfd must be sealed against writes and resizing, and exactly ``size`` bytes long."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise TransferError("the transferred descriptor is not a sealable memfd") from None
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise TransferError("the transferred memfd is not sealed against writes and resizing")
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        raise TransferError(f"the transferred memfd holds {actual} bytes, {size} announced")
+
+
+def unpack(fd: Optional[int], size: int, table: object, populate: bool = False) -> List[np.ndarray]:
+    """Validate and map a payload (receiver side). ``fd`` is always closed."""
+    try:
+        entries = validate(table, size)
+        if size == 0:
+            if fd is not None:
+                check_fd(fd, 0)
+            return [np.empty(shape, dtype) for dtype, shape, _, _ in entries]
+        if fd is None:
+            raise TransferError(f"{size} bytes announced but no memfd received")
+        check_fd(fd, size)
+        base = np.asarray(_Mapping(fd, size, populate))
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return [base[off:off + nbytes].view(dtype).reshape(shape) if nbytes else np.empty(shape, dtype)
+            for dtype, shape, off, nbytes in entries]

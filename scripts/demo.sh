@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Sets up the environment if needed, then runs the offline demo on the bundled example hub.
+source "$(dirname "${BASH_SOURCE[0]}")/ensure_env.sh"
+cd "$FLOWHUB_ROOT"
+exec "$FLOWHUB_PY" scripts/demo.py "$@"
