@@ -218,6 +218,10 @@ def test_zipball_redirect_and_archive(server, site):
     first = zf.infolist()[0]
     assert first.filename == f"Owner-Repo-{sha[:7]}/" and first.is_dir()
     assert zf.read(f"Owner-Repo-{sha[:7]}/pkg/mod.py") == b"X = 1\n"
+    names = zf.namelist()
+    for i, name in enumerate(names):  # every directory entry precedes what it contains
+        parent = name.rstrip("/").rpartition("/")[0] + "/"
+        assert i == 0 or names.index(parent) < i
     assert zf.testzip() is None
 
 

@@ -67,8 +67,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         state = self.state
-        target = urlsplit(self.path)
-        path, query = target.path or "/", target.query
+        raw = self.path
+        if raw.startswith(("http://", "https://")):  # absolute-form, as sent to a proxy
+            parts = urlsplit(raw)
+            raw = parts.path + ("?" + parts.query if parts.query else "")
+        path, _, query = raw.partition("?")
+        path = path or "/"
         req = Headers(self.headers.items())
         record = LiveRecord(self.command, path, query, req)
         resp = self._route(path, query, req)

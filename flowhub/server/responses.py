@@ -45,7 +45,8 @@ class Response:
         return None
 
 
-def json_response(status: int, data: Any, headers: Optional[List[Tuple[str, str]]] = None) -> Response:
+def json_response(status: int, data: Any,
+                  headers: Optional[List[Tuple[str, str]]] = None) -> Response:
     """A JSON body with GitHub's content type."""
     body = json.dumps(data, indent=2).encode("utf-8") + b"\n"
     return Response(status, [("Content-Type", JSON_TYPE), *(headers or [])], body)

@@ -1,4 +1,5 @@
-"""The github.com web routes flowhub uses: repo page, ``tree/<ref>``, ``zipball/<ref>``, codeload."""
+"""The github.com web routes flowhub uses: repo page, ``tree/<ref>``, ``zipball/<ref>``, codeload.
+"""
 from __future__ import annotations
 
 import html
@@ -41,7 +42,8 @@ def tree(repo: GitRepo, ref: str) -> Response:
 
 def _multiple_choices(repo: GitRepo, ref: str, base: str) -> Response:
     choices = "".join(
-        f'<li><a href="{html.escape(base)}/{quote(kind)}/{quote(ref)}">{kind}/{html.escape(ref)}</a></li>'
+        f'<li><a href="{html.escape(base)}/{quote(kind)}/{quote(ref)}">'
+        f"{kind}/{html.escape(ref)}</a></li>"
         for kind in ("refs/heads", "refs/tags")
     )
     page = (
