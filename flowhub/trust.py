@@ -44,6 +44,20 @@ def add_trusted(hub_dir: str, spec: RepoSpec, lock_timeout: float = 60.0) -> Non
                 f.write(spec.trust_name + "\n")
 
 
+def remove_trusted(hub_dir: str, spec: RepoSpec, lock_timeout: float = 60.0) -> None:
+    """Remove ``owner_repo`` (any spelling) from ``trusted_list``."""
+    lock = os.path.join(store.meta_dir(hub_dir, "locks"), "trusted_list.lock")
+    with store.entry_lock(lock, lock_timeout, "updating trusted_list"):
+        path = trusted_list_path(hub_dir)
+        read_trusted(hub_dir)
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and line.strip().lower() != spec.trust_name.lower()]
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 def is_trusted(hub_dir: str, spec: RepoSpec, ref: str) -> bool:
     """Trusted by owner, by ``trusted_list``, or because a folder for it was downloaded before (legacy rule)."""
     listed = read_trusted(hub_dir)

@@ -15,6 +15,7 @@ from flowhub.server.site import Site
 from flowhub.server.transport import Writer, replacement
 
 QUIET_ERRORS = (ConnectionError, TimeoutError, BrokenPipeError)
+MAX_DISCARD = 1 << 20
 
 
 @dataclass
@@ -65,6 +66,17 @@ class Handler(BaseHTTPRequestHandler):
             state.error(f"{self.command} {path}: {type(exc).__name__}: {exc}")
             return api_error(500, "Internal server error")
 
+    def _discard_body(self, req: Headers) -> None:
+        """Read and drop a request body, so the next request on the connection parses."""
+        try:
+            length = int(req.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if 0 < length <= MAX_DISCARD:
+            self.rfile.read(length)
+        elif length != 0:
+            self.close_connection = True
+
     def _serve(self) -> None:
         state = self.state
         raw = self.path
@@ -74,6 +86,7 @@ class Handler(BaseHTTPRequestHandler):
         path, _, query = raw.partition("?")
         path = path or "/"
         req = Headers(self.headers.items())
+        self._discard_body(req)
         record = LiveRecord(self.command, path, query, req)
         resp = self._route(path, query, req)
         fault = state.faults.take(self.command, path)

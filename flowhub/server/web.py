@@ -1,5 +1,4 @@
-"""The github.com web routes flowhub uses: repo page, ``tree/<ref>``, ``zipball/<ref>``, codeload.
-"""
+"""The github.com web routes: repo page, ``tree/<ref>``, ``zipball/<ref>`` and codeload archives."""
 from __future__ import annotations
 
 import html

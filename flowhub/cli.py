@@ -1,0 +1,199 @@
+"""The ``flowhub`` command (also ``python -m flowhub``): the hub API for shell users.
+
+Exit codes: 0 success, 1 a flowhub error (message on stderr, no traceback), 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+from flowhub import trust
+from flowhub.errors import FlowhubError
+from flowhub.hub import Hub
+from flowhub.spec import parse_repo_spec
+
+
+def _value(text: str) -> Any:
+    """A command-line value: a Python literal if it parses as one (``3``, ``True``, ``[1, 2]``), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _call_args(items: List[str]) -> Tuple[tuple, Dict[str, Any]]:
+    """``a 3 key=value`` → positional and keyword arguments for an entrypoint."""
+    args: List[Any] = []
+    kwargs: Dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if sep and key.isidentifier():
+            kwargs[key] = _value(raw)
+        else:
+            args.append(_value(item))
+    return tuple(args), kwargs
+
+
+def _hub(args: argparse.Namespace) -> Hub:
+    return Hub(hub_dir=args.hub_dir, offline=True if args.offline else None, mode=getattr(args, "mode", None))
+
+
+def _trust_arg(args: argparse.Namespace) -> trust.TrustArg:
+    return True if args.trust else "check"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for name in _hub(args).list(args.repo, force_reload=args.force_reload, skip_validation=args.skip_validation,
+                                trust_repo=_trust_arg(args), verbose=not args.quiet):
+        print(name)
+    return 0
+
+
+def cmd_help(args: argparse.Namespace) -> int:
+    doc = _hub(args).help(args.repo, args.entrypoint, force_reload=args.force_reload,
+                          skip_validation=args.skip_validation, trust_repo=_trust_arg(args))
+    print(doc if doc is not None else f"({args.entrypoint} has no docstring)")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    call_args, call_kwargs = _call_args(args.args)
+    source = "local" if os.path.isdir(args.repo) else "github"
+    obj = _hub(args).load(args.repo, args.entrypoint, *call_args, source=source, trust_repo=_trust_arg(args),
+                          force_reload=args.force_reload, verbose=not args.quiet,
+                          skip_validation=args.skip_validation, **call_kwargs)
+    print(summarize(obj, args.input_shape))
+    return 0
+
+
+def summarize(obj: Any, input_shape: Optional[str] = None) -> str:
+    """A short description of what an entrypoint returned; runs a sample input through a module if asked."""
+    try:
+        import oneflow as flow
+        import oneflow.nn as nn
+    except ImportError:  # pragma: no cover - oneflow is a dependency
+        return repr(obj)
+    if not isinstance(obj, nn.Module):
+        text = repr(obj)
+        return f"{type(obj).__name__}: {text if len(text) < 2000 else text[:2000] + '...'}"
+    n_params = sum(p.numel() for p in obj.parameters())
+    n_tensors = len(obj.state_dict())
+    lines = [f"{type(obj).__name__}: {n_params:,} parameters in {n_tensors} tensors", str(obj)]
+    if input_shape:
+        shape = tuple(int(x) for x in input_shape.lower().replace("x", ",").split(",") if x.strip())
+        flow.manual_seed(0)
+        with flow.no_grad():
+            out = obj.eval()(flow.randn(*shape))
+        lines.append(f"output for a random input of shape {shape}: shape {tuple(out.shape)}, "
+                     f"mean {float(out.mean()):.6g}")
+    return "\n".join(lines)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    hub = _hub(args)
+    if args.output:
+        hub.download_url_to_file(args.url, args.output, hash_prefix=args.hash_prefix, progress=not args.quiet)
+        print(os.path.abspath(args.output))
+    else:
+        from flowhub import checkpoints
+
+        folder = args.model_dir or os.path.join(hub.get_dir(), "checkpoints")
+        path = checkpoints.fetch_weights(hub._client(), args.url, folder, progress=not args.quiet,
+                                         check_hash=args.check_hash, file_name=args.file_name)
+        print(path)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flowhub.server.__main__ import main as serve_main
+
+    argv = [args.root, "--host", args.host, "--port", str(args.port)] + (["-v"] if args.verbose else [])
+    return serve_main(argv)
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    hub_dir = _hub(args).get_dir()
+    if args.action == "ls":
+        for name in sorted(trust.read_trusted(hub_dir)):
+            print(name)
+        return 0
+    spec = parse_repo_spec(args.repo)
+    if args.action == "add":
+        trust.add_trusted(hub_dir, spec)
+    else:
+        trust.remove_trusted(hub_dir, spec)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowhub", description="Load models published through hubconf.py "
+                                     "(a drop-in oneflow.hub with a shared, verified cache).")
+    parser.add_argument("--hub-dir", help="hub cache folder (default: $ONEFLOW_HOME/hub or ~/.cache/oneflow/hub)")
+    parser.add_argument("--offline", action="store_true", help="use only the cache (like FLOWHUB_OFFLINE=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def repo_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("repo", help="owner/repo[:ref] (or a local folder for 'load')")
+        p.add_argument("--trust", action="store_true", help="trust the repository (added to trusted_list)")
+        p.add_argument("--force-reload", action="store_true", help="download the repository again")
+        p.add_argument("--skip-validation", action="store_true", help="do not check the ref with the GitHub API")
+        p.add_argument("-q", "--quiet", action="store_true", help="no cache messages or progress bars")
+        p.add_argument("--mode", choices=("inprocess", "rebuild", "proxy"), help="where hubconf code runs")
+        return p
+
+    p = repo_command("list", "list the entrypoints of a repository")
+    p.set_defaults(func=cmd_list)
+    p = repo_command("help", "show an entrypoint's docstring")
+    p.add_argument("entrypoint")
+    p.set_defaults(func=cmd_help)
+    p = repo_command("load", "build a model (or other object) and print a summary")
+    p.add_argument("entrypoint")
+    p.add_argument("args", nargs="*", help="entrypoint arguments: values or key=value (Python literals)")
+    p.add_argument("--input-shape", help="run a random input of this shape through the model, e.g. 1x3x224x224")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("download", help="download a file into the hub cache (or to --output)")
+    p.add_argument("url")
+    p.add_argument("-o", "--output", help="write to this path instead of the checkpoints cache")
+    p.add_argument("--model-dir", help="cache folder (default <hub>/checkpoints)")
+    p.add_argument("--file-name", help="name of the cached file (default: from the URL)")
+    p.add_argument("--check-hash", action="store_true", help="verify the hash prefix in the file name")
+    p.add_argument("--hash-prefix", help="expected SHA-256 prefix (with --output)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("serve", help="serve git repositories and files as a GitHub-compatible server")
+    p.add_argument("root", help="folder of <owner>/<repo>.git repositories and files")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("trust", help="show or change the trusted repositories")
+    p.add_argument("action", choices=("ls", "add", "rm"))
+    p.add_argument("repo", nargs="?", help="owner/repo (for add and rm)")
+    p.set_defaults(func=cmd_trust)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "trust" and args.action != "ls" and not args.repo:
+        parser.error(f"trust {args.action} needs owner/repo")
+    try:
+        return args.func(args)
+    except (FlowhubError, ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
+        print(f"flowhub: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
