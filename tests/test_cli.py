@@ -1,0 +1,80 @@
+"""The real ``flowhub`` console script, run in a subprocess: output and exit codes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+
+REPO = "flowhub-examples/tiny-models"
+FLOWHUB = os.path.join(os.path.dirname(sys.executable), "flowhub")
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([FLOWHUB, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_console_script_and_module_help():
+    proc = run("--help")
+    assert proc.returncode == 0 and "list" in proc.stdout and "serve" in proc.stdout
+    module = subprocess.run([sys.executable, "-m", "flowhub", "--help"], capture_output=True, text=True)
+    assert module.returncode == 0 and module.stdout == proc.stdout
+    assert run().returncode == 2  # no command: usage error
+
+
+def test_list_help_load(gh):
+    proc = run("list", f"{REPO}:v0.1", "--trust", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["tinymlp", "tinynet", "version"]
+    proc = run("help", f"{REPO}:v0.1", "tinynet")
+    assert proc.returncode == 0 and proc.stdout.startswith("TinyNet: a small CNN classifier")
+    proc = run("load", f"{REPO}:v0.1", "tinynet", "pretrained=True", "--input-shape", "2x3x32x32", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("TinyNet: 1,578 parameters in 11 tensors")
+    assert "output for a random input of shape (2, 3, 32, 32): shape (2, 10)" in proc.stdout
+    proc = run("load", f"{REPO}:v0.1", "tinymlp", "hidden=7", "-q")
+    assert proc.returncode == 0 and "in_features=64, out_features=7" in proc.stdout
+
+
+def test_errors_exit_1_with_a_message_and_no_traceback(gh):
+    proc = run("list", "not-a-repo")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("flowhub: error: Invalid repository") and "Traceback" not in proc.stderr
+    proc = run("list", f"{REPO}:v0.1")  # untrusted, no terminal: says how to trust it
+    assert proc.returncode == 1 and "trust_repo=True" in proc.stderr
+    proc = run("--offline", "list", f"{REPO}:v0.2", "--trust")
+    assert proc.returncode == 1 and "offline" in proc.stderr.lower()
+
+
+def test_trust_commands(gh, hub_dir):
+    assert run("trust", "add", "Some-Owner/Repo").returncode == 0
+    assert run("trust", "ls").stdout.split() == ["some-owner_repo"]
+    assert run("trust", "rm", "some-owner/repo").returncode == 0
+    assert run("trust", "ls").stdout.split() == []
+    assert run("trust", "add").returncode == 2
+
+
+def test_download(gh, hub_dir, example, tmp_path):
+    name = example["weights"]["v0.1"]["tinynet"]
+    url = f"{gh.url}/{REPO}/releases/download/v0.1/{name}"
+    proc = run("download", url, "--check-hash", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(hub_dir / "checkpoints" / name)
+    out = tmp_path / "copy.zip"
+    proc = run("download", url, "-o", str(out), "--hash-prefix", "00000", "-q")
+    assert proc.returncode == 1 and "invalid hash value" in proc.stderr and not out.exists()
+
+
+def test_serve(hub_root):
+    proc = subprocess.Popen([FLOWHUB, "serve", str(hub_root)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("Serving ")
+        url = line.split(" at ")[1].split()[0]
+        branches = requests.get(f"{url}/api/repos/{REPO}/branches", timeout=10).json()
+        assert [b["name"] for b in branches] == ["main"]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
