@@ -21,11 +21,35 @@ from flowhub.api import (  # noqa: E402
 )
 from flowhub.checkpoints import HASH_REGEX  # noqa: E402
 from flowhub.entrypoints import MODULE_HUBCONF, VAR_DEPENDENCY  # noqa: E402
-from flowhub.errors import *  # noqa: E402,F401,F403
+from flowhub.errors import (  # noqa: E402
+    ArchiveError,
+    EntrypointError,
+    FlowhubError,
+    HashMismatchError,
+    HubconfError,
+    IncompleteDownloadError,
+    IntegrityError,
+    MissingDependenciesError,
+    NetworkError,
+    OfflineError,
+    RateLimitError,
+    RepoSpecError,
+    RequestTimeoutError,
+    ResolveError,
+    TransferError,
+    UntrustedRepositoryError,
+    WorkerCrashedError,
+    WorkerError,
+    WorkerTimeoutError,
+)
 from flowhub.hub import Hub  # noqa: E402
 from flowhub.settings import ENV_GITHUB_TOKEN, ENV_ONEFLOW_HOME, ENV_XDG_CACHE_HOME  # noqa: E402
 
 __all__ = [
     "list", "help", "load", "download_url_to_file", "load_state_dict_from_url", "get_dir", "set_dir",
-    "Hub", "HASH_REGEX", "MODULE_HUBCONF", "VAR_DEPENDENCY",
+    "Hub", "HASH_REGEX", "MODULE_HUBCONF", "VAR_DEPENDENCY", "ENV_GITHUB_TOKEN", "ENV_ONEFLOW_HOME",
+    "ENV_XDG_CACHE_HOME", "FlowhubError", "RepoSpecError", "EntrypointError", "MissingDependenciesError",
+    "ResolveError", "RateLimitError", "NetworkError", "RequestTimeoutError", "OfflineError", "IntegrityError",
+    "IncompleteDownloadError", "HashMismatchError", "ArchiveError", "UntrustedRepositoryError", "WorkerError",
+    "WorkerCrashedError", "WorkerTimeoutError", "HubconfError", "TransferError",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import sys
 from typing import Any, Dict, Iterator, List, Optional
 
 from flowhub.hub import Hub, PathLike
@@ -48,17 +47,15 @@ def claim_refresh(path: str) -> bool:
 @contextlib.contextmanager
 def serving(hub: Hub, refresh_weights: bool = False) -> Iterator[None]:
     """Make ``hub`` current, and route ``oneflow.hub``'s download functions to flowhub, for the duration."""
+    import oneflow.hub as module  # hubconfs call oneflow.hub.load_state_dict_from_url & co.
+
     token = _current_hub.set(hub)
     refresh_token = _refreshed.set(set() if refresh_weights else None)
     saved: Dict[str, Any] = {}
-    module = sys.modules.get("oneflow.hub")
-    if module is None and "oneflow" in sys.modules:
-        import oneflow.hub as module  # noqa: F811  (oneflow is already imported: cheap)
     try:
-        if module is not None:
-            for name in _PATCHED_NAMES:
-                saved[name] = getattr(module, name, None)
-                setattr(module, name, globals()[name])
+        for name in _PATCHED_NAMES:
+            saved[name] = getattr(module, name, None)
+            setattr(module, name, globals()[name])
         yield
     finally:
         for name, value in saved.items():

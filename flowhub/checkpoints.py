@@ -27,7 +27,7 @@ HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 EXTRACTED_SUFFIX = ".extracted"
 
 
-def _record_path(model_dir: str, filename: str) -> str:
+def file_record_path(model_dir: str, filename: str) -> str:
     return os.path.join(model_dir, store.META_DIR, "files", filename + ".json")
 
 
@@ -36,7 +36,7 @@ def _cached_file_ok(model_dir: str, filename: str) -> bool:
     path = os.path.join(model_dir, filename)
     if not os.path.isfile(path):
         return False
-    record = store.read_json(_record_path(model_dir, filename))
+    record = store.read_json(file_record_path(model_dir, filename))
     return not (isinstance(record, dict) and record.get("size") not in (None, os.path.getsize(path)))
 
 
@@ -54,6 +54,7 @@ def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: boo
     cached = os.path.join(model_dir, filename)
     force = bool(refresh and os.path.exists(cached) and refresh(cached))
     if not force and _cached_file_ok(model_dir, filename):
+        store.touch(file_record_path(model_dir, filename))
         return cached
     if client.settings.offline:
         raise OfflineError(f"{url} is not cached in {model_dir} and offline mode is on ({ENV_OFFLINE}=1). "
@@ -69,7 +70,7 @@ def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: boo
         sys.stderr.write(f'Downloading: "{url}" to {cached}\n')
         result = download(client, url, cached, hash_prefix=hash_prefix, progress=progress)
         try:
-            store.write_json_atomic(_record_path(model_dir, filename), {
+            store.write_json_atomic(file_record_path(model_dir, filename), {
                 "url": url, "size": result.size, "sha256": result.sha256, "etag": result.etag,
                 "downloaded_at": time.time()})
         except OSError:

@@ -8,6 +8,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -129,6 +130,86 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(text: str) -> int:
+    """``500M``, ``2G``, ``1.5GiB``, ``1024`` → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M or 2G")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def parse_age(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``2w`` → seconds."""
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * _AGE_UNITS[t[-1]] if t and t[-1] in _AGE_UNITS else float(t) * 86400
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age like 30d, 12h or 2w") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_entries(entries, as_json: bool) -> None:
+    import time
+
+    if as_json:
+        print(json.dumps([e.as_dict() for e in entries], indent=1))
+        return
+    if not entries:
+        print("(the cache is empty)")
+        return
+    print(f"{'KIND':<8} {'SIZE':>10} {'LAST USED':<16} {'NAME':<44} {'SHA':<12} SOURCE")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "-"
+        print(f"{e.kind:<8} {_human(e.size):>10} {used:<16} {e.name:<44} {e.sha[:12]:<12} {e.source}"
+              + (f"  !! {e.problem}" if e.problem else ""))
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from flowhub import inventory
+
+    hub_dir = _hub(args).get_dir()
+    if args.action == "ls":
+        _print_entries(inventory.scan(hub_dir), args.json)
+        return 0
+    if args.action == "verify":
+        checked = inventory.verify(hub_dir)
+        bad = [e for e in checked if e.problem]
+        _print_entries(checked, args.json)
+        if not args.json:
+            print(f"{len(checked)} entries checked, {len(bad)} corrupt"
+                  + ("; remove them with 'flowhub cache prune --corrupt'" if bad else ""))
+        return 1 if bad else 0
+    entries = inventory.scan(hub_dir)
+    chosen = inventory.select_for_pruning(entries, args.older_than, args.max_size)
+    if args.corrupt:
+        chosen += [e for e in inventory.verify(hub_dir, entries) if e.problem and e not in chosen]
+    leftovers = inventory.stale_temporaries(hub_dir)
+    verb = "would remove" if args.dry_run else "removed"
+    for e in chosen:
+        if not args.dry_run:
+            inventory.remove(hub_dir, e)
+        print(f"{verb} {e.kind} {e.name} ({_human(e.size)})")
+    for path in leftovers:
+        if not args.dry_run:
+            from flowhub import store
+
+            store.remove_tree(path)
+        print(f"{verb} leftover {path}")
+    print(f"{verb} {len(chosen)} entries, {_human(sum(e.size for e in chosen))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowhub", description="Load models published through hubconf.py "
                                      "(a drop-in oneflow.hub with a shared, verified cache).")
@@ -173,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cache", help="list, verify or prune the hub cache")
+    p.add_argument("action", choices=("ls", "verify", "prune"))
+    p.add_argument("--json", action="store_true", help="print JSON (ls, verify)")
+    p.add_argument("--older-than", type=parse_age, help="prune: entries unused for this long (30d, 12h, 2w)")
+    p.add_argument("--max-size", type=parse_size, help="prune: least recently used entries until the cache fits (e.g. 10G)")
+    p.add_argument("--corrupt", action="store_true", help="prune: entries that fail verification")
+    p.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("trust", help="show or change the trusted repositories")
     p.add_argument("action", choices=("ls", "add", "rm"))

@@ -67,12 +67,12 @@ class RefIndex:
             pass
 
 
-def _entry_record_path(hub_dir: str, folder: str) -> str:
+def entry_record_path(hub_dir: str, folder: str) -> str:
     return os.path.join(hub_dir, store.META_DIR, "entries", folder.lower() + ".json")
 
 
 def read_entry_record(hub_dir: str, folder: str) -> Optional[dict]:
-    record = store.read_json(_entry_record_path(hub_dir, folder))
+    record = store.read_json(entry_record_path(hub_dir, folder))
     return record if isinstance(record, dict) else None
 
 
@@ -125,6 +125,7 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
     if existing and not force_reload and _is_complete(hub_dir, existing):
         if verbose:
             sys.stderr.write(f"Using cache found in {existing}\n")
+        store.touch(entry_record_path(hub_dir, os.path.basename(existing)))
         return Checkout(existing, spec, index.sha(ref))
     if client.settings.offline:
         raise OfflineError(
@@ -174,7 +175,7 @@ def _fetch_and_publish(client: HttpClient, spec: RepoSpec, ref: str, final: str,
         source = os.path.join(extracted, top)
         has_hubconf = os.path.isfile(os.path.join(source, "hubconf.py"))
         store.publish_dir(source, final, hub_dir, replace=replace)
-        store.write_json_atomic(_entry_record_path(hub_dir, os.path.basename(final)), {
+        store.write_json_atomic(entry_record_path(hub_dir, os.path.basename(final)), {
             "repo": f"{spec.owner}/{spec.repo}", "ref": ref, "sha": sha, "url": url, "files": len(members),
             "has_hubconf": has_hubconf, "fetched_at": time.time()})
         return sha

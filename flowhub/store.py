@@ -80,6 +80,14 @@ def read_json(path: str) -> Optional[Any]:
         return None
 
 
+def touch(path: str) -> None:
+    """Mark a record as just used (its mtime is the entry's last use); best effort, never raises."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def staging_dir(root: str) -> str:
     """A fresh, unique folder under ``<root>/.flowhub/tmp`` on the same filesystem as ``root``."""
     path = os.path.join(meta_dir(root, "tmp"), uuid.uuid4().hex)

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import requests
 
 REPO = "flowhub-examples/tiny-models"
@@ -78,3 +77,47 @@ def test_serve(hub_root):
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+def test_cache_ls_verify_prune(gh, hub_dir):
+    import json
+    import time
+
+    assert run("cache", "ls").stdout.strip() == "(the cache is empty)"
+    assert run("load", f"{REPO}:v0.1", "tinynet", "pretrained=True", "--trust", "-q").returncode == 0
+    assert run("list", f"{REPO}:v0.2", "--trust", "-q").returncode == 0
+    entries = json.loads(run("cache", "ls", "--json").stdout)
+    kinds = sorted((e["kind"], e["name"]) for e in entries)
+    assert kinds == [("repo", "flowhub-examples_tiny-models_v0.1"), ("repo", "flowhub-examples_tiny-models_v0.2"),
+                     ("weights", next(e["name"] for e in entries if e["kind"] == "weights"))]
+    repo_v01 = next(e for e in entries if e["name"].endswith("v0.1"))
+    assert repo_v01["source"] == f"{REPO}:v0.1" and len(repo_v01["sha"]) == 40 and repo_v01["size"] > 0
+    weights = next(e for e in entries if e["kind"] == "weights")
+    assert weights["source"].endswith(weights["name"]) and len(weights["sha"]) == 64
+
+    proc = run("cache", "verify")
+    assert proc.returncode == 0 and "3 entries checked, 0 corrupt" in proc.stdout
+    # corrupt the weight file in place (same size) and delete a file of a checkout
+    path = hub_dir / "checkpoints" / weights["name"]
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (hub_dir / "flowhub-examples_tiny-models_v0.2" / "weights.json").unlink()
+    proc = run("cache", "verify")
+    assert proc.returncode == 1 and "3 entries checked, 2 corrupt" in proc.stdout
+    assert "SHA-256 differs" in proc.stdout and "1 of 4 files are missing" in proc.stdout
+
+    proc = run("cache", "prune", "--corrupt", "--dry-run")
+    assert proc.returncode == 0 and "would remove 2 entries" in proc.stdout and path.exists()
+    proc = run("cache", "prune", "--corrupt")
+    assert "removed 2 entries" in proc.stdout and not path.exists()
+    assert [e["name"] for e in json.loads(run("cache", "ls", "--json").stdout)] == ["flowhub-examples_tiny-models_v0.1"]
+    # the pruned entries come back on the next load
+    assert run("load", f"{REPO}:v0.1", "tinynet", "pretrained=True", "-q").returncode == 0
+    time.sleep(1.1)
+    assert run("list", f"{REPO}:v0.1", "-q").returncode == 0  # marks the checkout as used now
+    proc = run("cache", "prune", "--max-size", "1", "--dry-run")
+    assert "would remove 2 entries" in proc.stdout
+    proc = run("cache", "prune", "--older-than", "1h")
+    assert "removed 0 entries" in proc.stdout
+    assert run("cache", "prune", "--max-size", "lots").returncode == 2
