@@ -18,6 +18,9 @@ _default_hub: Optional[Hub] = None
 _current_hub: contextvars.ContextVar[Optional[Hub]] = contextvars.ContextVar("flowhub_current_hub", default=None)
 # While an entrypoint runs under force_reload=True: the set of weight files already fetched again.
 _refreshed: contextvars.ContextVar[Optional[set]] = contextvars.ContextVar("flowhub_refreshed", default=None)
+# While an entrypoint runs: the weight files it used (for provenance), and those a lockfile pins (URL → hash).
+_weights_log: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("flowhub_weights_log", default=None)
+_expected: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("flowhub_expected_weights", default=None)
 _PATCHED_NAMES = ("download_url_to_file", "load_state_dict_from_url", "get_dir", "set_dir")
 
 
@@ -44,34 +47,61 @@ def claim_refresh(path: str) -> bool:
     return True
 
 
+def note_weights(fingerprint: Dict[str, Any]) -> None:
+    """Called for every weight file a running entrypoint uses: checked against the lockfile, then logged."""
+    from flowhub.provenance import check_weight
+
+    check_weight(fingerprint["url"], fingerprint.get("sha256"), fingerprint.get("size"),
+                 (_expected.get() or {}).get(fingerprint["url"]))
+    log = _weights_log.get()
+    if log is not None:
+        log.append(fingerprint)
+
+
+def take_weights_log() -> List[Dict[str, Any]]:
+    """Inside a worker: the weight files used since the last call (and start a new log)."""
+    log = _weights_log.get() or []
+    _weights_log.set([])
+    return log
+
+
 @contextlib.contextmanager
-def serving(hub: Hub, refresh_weights: bool = False) -> Iterator[None]:
-    """Make ``hub`` current, and route ``oneflow.hub``'s download functions to flowhub, for the duration."""
+def serving(hub: Hub, refresh_weights: bool = False,
+            expected_weights: Optional[Dict[str, Any]] = None) -> Iterator[List[Dict[str, Any]]]:
+    """Make ``hub`` current, and route ``oneflow.hub``'s download functions to flowhub, for the duration.
+
+    Yields the list that collects the weight files used meanwhile.
+    """
     import oneflow.hub as module  # hubconfs call oneflow.hub.load_state_dict_from_url & co.
 
-    token = _current_hub.set(hub)
-    refresh_token = _refreshed.set(set() if refresh_weights else None)
+    log: List[Dict[str, Any]] = []
+    tokens = (_current_hub.set(hub), _refreshed.set(set() if refresh_weights else None),
+              _weights_log.set(log), _expected.set(expected_weights))
     saved: Dict[str, Any] = {}
     try:
         for name in _PATCHED_NAMES:
             saved[name] = getattr(module, name, None)
             setattr(module, name, globals()[name])
-        yield
+        yield log
     finally:
         for name, value in saved.items():
             setattr(module, name, value)
-        _refreshed.reset(refresh_token)
-        _current_hub.reset(token)
+        for var, token in zip((_current_hub, _refreshed, _weights_log, _expected), tokens):
+            var.reset(token)
 
 
 def adopt_settings(settings: Dict[str, Any]) -> None:
     """Inside a worker: make the default hub use the caller's settings and route ``oneflow.hub`` to flowhub.
 
-    ``settings`` is ``Settings.as_dict()`` from the caller, optionally with ``refresh_weights``.
+    ``settings`` is ``Settings.as_dict()`` from the caller, optionally with ``refresh_weights`` and
+    ``expected_weights`` (URL → pinned hash, from a lockfile). The weight files the next call uses are
+    collected for :func:`take_weights_log`.
     """
     global _default_hub
     values = dict(settings)
     refresh = bool(values.pop("refresh_weights", False))
+    _expected.set(values.pop("expected_weights", None))
+    _weights_log.set([])
     values.pop("github_token", None)  # the worker reads its own environment for the token
     values["mode"] = "inprocess"
     _default_hub = Hub(**{k: v for k, v in values.items() if k != "hub_dir"}, hub_dir=values.get("hub_dir"))

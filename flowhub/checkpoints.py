@@ -9,12 +9,13 @@ never collide), staged and published atomically, and the checkpoint is found by 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
 import time
 import zipfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 from urllib.parse import urlparse
 
 from flowhub import archive, store
@@ -72,10 +73,31 @@ def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: boo
         try:
             store.write_json_atomic(file_record_path(model_dir, filename), {
                 "url": url, "size": result.size, "sha256": result.sha256, "etag": result.etag,
-                "downloaded_at": time.time()})
+                "mtime_ns": os.stat(cached).st_mtime_ns, "downloaded_at": time.time()})
         except OSError:
             pass
     return cached
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(model_dir: str, filename: str, url: str) -> Dict[str, Any]:
+    """URL, size and SHA-256 of a cached weight file; re-hashed unless the record's size and mtime still match."""
+    path = os.path.join(model_dir, filename)
+    st = os.stat(path)
+    record = store.read_json(file_record_path(model_dir, filename))
+    if isinstance(record, dict) and record.get("sha256") and record.get("size") == st.st_size \
+            and record.get("mtime_ns") == st.st_mtime_ns:
+        sha = record["sha256"]
+    else:
+        sha = file_sha256(path)
+    return {"url": url, "file": filename, "size": st.st_size, "sha256": sha}
 
 
 def _checkpoint_in(folder: str) -> str:

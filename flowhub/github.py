@@ -5,6 +5,7 @@ constants, so GitHub Enterprise, a mirror or the loopback test server all work t
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 from urllib.parse import quote
 
@@ -14,6 +15,7 @@ from flowhub.spec import RepoSpec
 
 _API_HEADERS = {"Accept": "application/vnd.github.v3+json"}
 PER_PAGE = 100
+_COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
 
 
 def repo_web_url(client: HttpClient, spec: RepoSpec) -> str:
@@ -58,6 +60,22 @@ def _pages(client: HttpClient, spec: RepoSpec, kind: str):
         page += 1
 
 
+def resolve_commit(client: HttpClient, spec: RepoSpec, ref: str) -> Optional[str]:
+    """The full SHA of commit ``ref`` (``GET /repos/{o}/{r}/commits/{ref}``), or None if the server has no such commit."""
+    url = f"{client.settings.github_api_url}/repos/{spec.owner}/{spec.repo}/commits/{quote(ref, safe='')}"
+    what = f"Resolving commit {ref} of {spec.owner}/{spec.repo}"
+    response = client.get(url, what=what, headers=_API_HEADERS)
+    if response.status_code in (404, 422):
+        response.close()
+        return None
+    check_status(response, what)
+    try:
+        sha = response.json().get("sha")
+    except ValueError:
+        raise NetworkError(f"{what}: {url} did not return JSON.") from None
+    return sha if isinstance(sha, str) and _COMMIT.match(sha) and sha.startswith(ref) else None
+
+
 def validate_ref(client: HttpClient, spec: RepoSpec, ref: str) -> Optional[str]:
     """Check that ``ref`` is a branch or tag of the repo, or a prefix of one's head commit; return that SHA.
 
@@ -70,6 +88,10 @@ def validate_ref(client: HttpClient, spec: RepoSpec, ref: str) -> Optional[str]:
             sha = (entry.get("commit") or {}).get("sha") or ""
             if entry.get("name") == ref or (len(ref) >= 4 and sha.startswith(ref)):
                 return sha or None
+    if _COMMIT.match(ref):  # an explicit commit (full or abbreviated SHA) that is not a branch or tag head
+        sha = resolve_commit(client, spec, ref)
+        if sha:
+            return sha
     raise ResolveError(
         f"Cannot find {ref} in {repo_web_url(client, spec)}. If it's a commit from a forked repo, "
         "please call hub.load() with forked repo directly.")

@@ -7,12 +7,14 @@ thin wrappers over a default ``Hub``.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Union
+import warnings
+from typing import Any, Dict, List, Optional, Union
 
 from flowhub import checkpoints, entrypoints, repos, settings as settings_mod
 from flowhub.download import download
 from flowhub.errors import RepoSpecError
 from flowhub.network import HttpClient
+from flowhub.provenance import Lockfile, Provenance
 from flowhub.settings import Settings
 from flowhub.spec import parse_repo_spec
 from flowhub.trust import TrustArg
@@ -35,6 +37,11 @@ class Hub:
         worker_timeout: seconds one call into a worker may take (``FLOWHUB_WORKER_TIMEOUT``).
         sandbox: run workers sandboxed (``FLOWHUB_SANDBOX``).
         mock_torch: run torch-style hubconfs on OneFlow through ``oneflow.mock_torch`` (isolated modes).
+        lockfile: path of a ``flowhub.lock``: the first load of each repo spec records its commit SHA and
+            weight hashes there; later loads use exactly those and fail on any drift.
+
+    After each ``load``, ``last_provenance`` says what the load was made of (commit, entrypoint,
+    arguments, weight files with their SHA-256, versions).
     """
 
     def __init__(self, hub_dir: Optional[PathLike] = None, *, github_url: Optional[str] = None,
@@ -42,12 +49,14 @@ class Hub:
                  timeout: Optional[float] = None, retries: Optional[int] = None,
                  lock_timeout: Optional[float] = None, mode: Optional[str] = None,
                  worker_timeout: Optional[float] = None, sandbox: Optional[bool] = None,
-                 mock_torch: bool = False) -> None:
+                 mock_torch: bool = False, lockfile: Optional[PathLike] = None) -> None:
         self._overrides = dict(hub_dir=os.fspath(hub_dir) if hub_dir is not None else None,
                                github_url=github_url, github_api_url=github_api_url, offline=offline,
                                timeout=timeout, retries=retries, lock_timeout=lock_timeout, mode=mode,
                                worker_timeout=worker_timeout, sandbox=sandbox)
         self.mock_torch = mock_torch
+        self.lockfile = Lockfile(os.fspath(lockfile)) if lockfile is not None else None
+        self.last_provenance: Optional[Provenance] = None
         self.settings()  # validate the explicit arguments now
 
     def settings(self) -> Settings:
@@ -85,47 +94,71 @@ class Hub:
         source = source.lower() if isinstance(source, str) else source
         if source not in ("github", "local"):
             raise RepoSpecError(f'Unknown source: "{source}". Allowed values: "github" | "local".')
+        weights: List[Dict[str, Any]] = []
         if source == "github":
             checkout = self._checkout(repo_or_dir, force_reload, skip_validation, trust_repo, "load", verbose)
-            repo_dir, key, label = checkout.path, self._worker_key(checkout), str(checkout.spec)
-        else:
-            repo_dir = os.path.abspath(os.path.expanduser(os.fspath(repo_or_dir)))
-            if not os.path.isdir(repo_dir):
-                raise FileNotFoundError(f"{repo_or_dir} is not a folder; source='local' needs a folder with a hubconf.py.")
-            key, label = f"local:{os.path.realpath(repo_dir)}", repo_dir
-        return self._run(repo_dir, key, label, "load", model, args, kwargs,
-                         refresh_weights=force_reload and source == "github")
+            result = self._run(checkout.path, self._worker_key(checkout), str(checkout.spec), "load", model, args,
+                               kwargs, refresh_weights=force_reload, weights=weights)
+            requested = parse_repo_spec(repo_or_dir)
+            self.last_provenance = Provenance.of_call(
+                f"{requested.owner}/{requested.repo}", requested.ref or checkout.spec.ref, checkout.sha, model, args,
+                kwargs, weights)
+            if self.lockfile is not None:
+                if checkout.sha is None:
+                    warnings.warn(f"{repo_or_dir}: the archive carried no commit SHA, so the lockfile cannot pin it.")
+                self.lockfile.record(requested, checkout.sha, weights)
+            return result
+        repo_dir = os.path.abspath(os.path.expanduser(os.fspath(repo_or_dir)))
+        if not os.path.isdir(repo_dir):
+            raise FileNotFoundError(f"{repo_or_dir} is not a folder; source='local' needs a folder with a hubconf.py.")
+        result = self._run(repo_dir, f"local:{os.path.realpath(repo_dir)}", repo_dir, "load", model, args, kwargs,
+                           weights=weights)
+        self.last_provenance = Provenance.of_call(repo_dir, None, None, model, args, kwargs, weights, source="local")
+        return result
 
     def _checkout(self, github: str, force_reload: bool, skip_validation: bool, trust_repo: TrustArg,
                   calling_fn: str, verbose: bool) -> repos.Checkout:
-        return repos.get_checkout(self._client(), parse_repo_spec(github), force_reload=force_reload,
-                                  skip_validation=skip_validation, trust_repo=trust_repo,
-                                  calling_fn=calling_fn, verbose=verbose)
+        spec = parse_repo_spec(github)
+        pinned = self.lockfile.pinned_sha(spec) if self.lockfile is not None else None
+        return repos.get_checkout(self._client(), spec, force_reload=force_reload, skip_validation=skip_validation,
+                                  trust_repo=trust_repo, calling_fn=calling_fn, verbose=verbose, pinned_sha=pinned)
 
     def _worker_key(self, checkout: repos.Checkout) -> str:
         spec = checkout.spec
         return f"{spec.key}@{checkout.sha or spec.ref}:{os.path.realpath(checkout.path)}"
 
     def _run(self, repo_dir: str, key: str, label: str, op: str, model: Optional[str] = None,
-             args: tuple = (), kwargs: Optional[dict] = None, refresh_weights: bool = False) -> Any:
+             args: tuple = (), kwargs: Optional[dict] = None, refresh_weights: bool = False,
+             weights: Optional[List[Dict[str, Any]]] = None) -> Any:
+        """Run list/help/load where the mode says; weight files the entrypoint used are appended to ``weights``."""
         from flowhub import api
 
         settings = self.settings()
+        expected = self.lockfile.expected_weights() if self.lockfile is not None else None
         if settings.mode == "inprocess":
-            with api.serving(self, refresh_weights):
-                return entrypoints.run_in_process(repo_dir, op, model, args, kwargs)
+            with api.serving(self, refresh_weights, expected) as used:
+                try:
+                    return entrypoints.run_in_process(repo_dir, op, model, args, kwargs)
+                finally:
+                    if weights is not None:
+                        weights.extend(used)
         from flowhub.worker import get_manager
 
         return get_manager().call(repo_dir=repo_dir, key=f"{key}|mock_torch={self.mock_torch}", op=op, model=model,
                                   args=tuple(args), kwargs=dict(kwargs or {}), mode=settings.mode,
-                                  settings=dict(settings.as_dict(), refresh_weights=refresh_weights),
+                                  settings=dict(settings.as_dict(), refresh_weights=refresh_weights,
+                                                expected_weights=expected),
                                   timeout=settings.worker_timeout, label=label, mock_torch=self.mock_torch)
 
     # -- downloads ----------------------------------------------------------------------------------
     def download_url_to_file(self, url: str, dst: PathLike, hash_prefix: Optional[str] = None,
                              progress: bool = True) -> None:
         """Download ``url`` to ``dst`` (atomically, resumably, verified against ``hash_prefix`` if given)."""
-        download(self._client(), url, os.fspath(dst), hash_prefix=hash_prefix, progress=progress)
+        from flowhub import api
+
+        result = download(self._client(), url, os.fspath(dst), hash_prefix=hash_prefix, progress=progress)
+        api.note_weights({"url": url, "file": os.path.basename(result.path), "size": result.size,
+                          "sha256": result.sha256})
 
     def load_state_dict_from_url(self, url: str, model_dir: Optional[PathLike] = None, map_location: Any = None,
                                  progress: bool = True, check_hash: bool = False,
@@ -137,4 +170,5 @@ class Hub:
 
         cached = checkpoints.fetch_weights(client, url, folder, progress=progress, check_hash=check_hash,
                                            file_name=file_name, refresh=api.claim_refresh)
+        api.note_weights(checkpoints.fingerprint(folder, os.path.basename(cached), url))
         return checkpoints.load_checkpoint(cached, map_location, client.settings.lock_timeout)

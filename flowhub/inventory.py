@@ -6,13 +6,12 @@ goes entry by entry, each folder renamed into the trash first (so no reader sees
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from typing import Iterable, List, Optional
 
 from flowhub import repos, store
-from flowhub.checkpoints import EXTRACTED_SUFFIX, file_record_path
+from flowhub.checkpoints import EXTRACTED_SUFFIX, file_record_path, file_sha256
 
 STALE_TEMP_SECONDS = 3600.0
 
@@ -84,14 +83,6 @@ def scan(hub_dir: str) -> List[Entry]:
     return entries
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify(hub_dir: str, entries: Optional[Iterable[Entry]] = None) -> List[Entry]:
     """Recompute what can be checked; return the entries with ``problem`` set where something is wrong."""
     checked = list(entries if entries is not None else scan(hub_dir))
@@ -101,7 +92,7 @@ def verify(hub_dir: str, entries: Optional[Iterable[Entry]] = None) -> List[Entr
             size = os.path.getsize(entry.path)
             if record.get("size") is not None and record["size"] != size:
                 entry.problem = f"size {size} differs from the {record['size']} bytes downloaded"
-            elif record.get("sha256") and _sha256(entry.path) != record["sha256"]:
+            elif record.get("sha256") and file_sha256(entry.path) != record["sha256"]:
                 entry.problem = "SHA-256 differs from the downloaded file's"
         else:
             record = repos.read_entry_record(hub_dir, entry.name) or {}

@@ -24,6 +24,7 @@ from flowhub import archive, github, store, trust
 from flowhub.download import download
 from flowhub.errors import ArchiveError, HTTPStatusError, NetworkError, OfflineError, RateLimitError, ResolveError
 from flowhub.network import HttpClient
+from flowhub.provenance import LockfileDriftError
 from flowhub.settings import ENV_OFFLINE
 from flowhub.spec import RepoSpec
 
@@ -110,14 +111,33 @@ def resolve_default_branch(client: HttpClient, hub_dir: str, spec: RepoSpec, for
     return branch
 
 
+def _folder_sha(hub_dir: str, path: str) -> Optional[str]:
+    record = read_entry_record(hub_dir, os.path.basename(path)) or {}
+    return record.get("sha")
+
+
 def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = False, skip_validation: bool = False,
-                 trust_repo: trust.TrustArg = None, calling_fn: str = "load", verbose: bool = True) -> Checkout:
-    """Return the cached checkout of ``spec``, downloading and publishing it first if needed."""
+                 trust_repo: trust.TrustArg = None, calling_fn: str = "load", verbose: bool = True,
+                 pinned_sha: Optional[str] = None) -> Checkout:
+    """Return the cached checkout of ``spec``, downloading and publishing it first if needed.
+
+    With ``pinned_sha`` (from a lockfile) the result is exactly that commit: the ref's folder if it
+    holds that commit, else a folder named after the SHA, fetched by SHA without the ref check.
+    """
     hub_dir = client.settings.hub_dir
     os.makedirs(hub_dir, exist_ok=True)
-    ref = spec.ref or resolve_default_branch(client, hub_dir, spec, force_reload)
+    if pinned_sha and not spec.ref:
+        ref = RefIndex(hub_dir, spec).default_branch()  # no request needed: the SHA is known
+    else:
+        ref = spec.ref or resolve_default_branch(client, hub_dir, spec, force_reload)
+    trust.check_trust(hub_dir, spec, ref or pinned_sha, trust_repo, calling_fn)
+    if pinned_sha:
+        existing = store.find_case_insensitive(hub_dir, spec.dir_name(ref)) if ref else None
+        if existing and not force_reload and _is_complete(hub_dir, existing) \
+                and _folder_sha(hub_dir, existing) == pinned_sha:
+            return Checkout(existing, spec.with_ref(ref), pinned_sha)
+        ref, skip_validation = pinned_sha, True
     spec = spec.with_ref(ref)
-    trust.check_trust(hub_dir, spec, ref, trust_repo, calling_fn)
 
     folder = spec.dir_name(ref)
     index = RefIndex(hub_dir, spec)
@@ -126,7 +146,7 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
         if verbose:
             sys.stderr.write(f"Using cache found in {existing}\n")
         store.touch(entry_record_path(hub_dir, os.path.basename(existing)))
-        return Checkout(existing, spec, index.sha(ref))
+        return Checkout(existing, spec, _folder_sha(hub_dir, existing) or index.sha(ref))
     if client.settings.offline:
         raise OfflineError(
             f"{spec} is not in the cache at {hub_dir} and offline mode is on ({ENV_OFFLINE}=1). "
@@ -135,16 +155,17 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
     lock = os.path.join(store.meta_dir(hub_dir, "locks"), store.lock_name(f"repo-{spec.key}-{ref}"))
     with store.entry_lock(lock, client.settings.lock_timeout, f"downloading {spec}"):
         existing = store.find_case_insensitive(hub_dir, folder)
-        if existing and not force_reload and _is_complete(hub_dir, existing):
-            return Checkout(existing, spec, index.sha(ref))  # another process fetched it while we waited
+        if existing and not force_reload and _is_complete(hub_dir, existing):  # fetched while we waited
+            return Checkout(existing, spec, _folder_sha(hub_dir, existing) or index.sha(ref))
         sha = None if skip_validation else github.validate_ref(client, spec, ref)
         final = existing or os.path.join(hub_dir, folder)
-        sha = _fetch_and_publish(client, spec, ref, final, replace=bool(existing)) or sha
+        sha = _fetch_and_publish(client, spec, ref, final, replace=bool(existing), expected_sha=pinned_sha) or sha
     index.update(ref=ref, sha=sha)
     return Checkout(final, spec, sha)
 
 
-def _fetch_and_publish(client: HttpClient, spec: RepoSpec, ref: str, final: str, replace: bool) -> Optional[str]:
+def _fetch_and_publish(client: HttpClient, spec: RepoSpec, ref: str, final: str, replace: bool,
+                       expected_sha: Optional[str] = None) -> Optional[str]:
     hub_dir = client.settings.hub_dir
     stage = store.staging_dir(hub_dir)
     try:
@@ -165,6 +186,8 @@ def _fetch_and_publish(client: HttpClient, spec: RepoSpec, ref: str, final: str,
             else:
                 raise
         sha = archive.commit_sha_of(zip_path)
+        if expected_sha and sha and sha != expected_sha:
+            raise LockfileDriftError(f"The archive of {spec} from {url} is commit {sha}, not the pinned {expected_sha}.")
         extracted = os.path.join(stage, "x")
         os.makedirs(extracted)
         members = archive.extract_zip(zip_path, extracted, f"Extracting the archive of {spec}")

@@ -127,3 +127,20 @@ def run_python(code: str, env: Optional[Dict[str, str]] = None, timeout: float =
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def push_commit(root: Path, owner: str, name: str, files: Dict[str, str], branch: str = "main") -> str:
+    """Add a commit with ``files`` on top of ``branch`` of ``root/owner/name.git`` (the branch moves); return its SHA."""
+    import tempfile
+
+    bare = root / owner / f"{name}.git"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / name
+        build_hub.git(Path(tmp), "clone", "-q", "-b", branch, str(bare), str(work))
+        for rel, text in files.items():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_text(text)
+        build_hub.git(work, "add", "-A")
+        build_hub.git(work, "commit", "-q", "-m", "move the branch")
+        build_hub.git(work, "push", "-q", "origin", branch)
+        return build_hub.git(work, "rev-parse", "HEAD")
