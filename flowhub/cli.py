@@ -94,6 +94,51 @@ def summarize(obj: Any, input_shape: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
+def cmd_lock(args: argparse.Namespace) -> int:
+    call_args, call_kwargs = _call_args(args.args)
+    hub = Hub(hub_dir=args.hub_dir, offline=True if args.offline else None, mode=args.mode, lockfile=args.lockfile)
+    hub.load(args.repo, args.entrypoint, *call_args, trust_repo=_trust_arg(args), force_reload=args.force_reload,
+             verbose=not args.quiet, skip_validation=args.skip_validation, **call_kwargs)
+    prov = hub.last_provenance
+    print(json.dumps(prov.as_dict(), indent=1) if args.json else
+          f"locked {args.repo} at {prov.sha} with {len(prov.weights)} weight file(s) in {hub.lockfile.path}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from flowhub import checkpoints, repos
+    from flowhub.provenance import Lockfile, check_weight
+    from flowhub.spec import parse_repo_spec as parse
+
+    lock = Lockfile(args.lockfile)
+    if not os.path.exists(lock.path):
+        print(f"flowhub: error: no lockfile at {lock.path}", file=sys.stderr)
+        return 1
+    data = lock.read()
+    hub = _hub(args)
+    client = hub._client()
+    failures = 0
+    for key, entry in sorted(data["repos"].items()):
+        try:
+            checkout = repos.get_checkout(client, parse(key), trust_repo=True, verbose=False, pinned_sha=entry["sha"])
+            print(f"ok       {key} = {entry['sha'][:12]} ({checkout.path})")
+        except (FlowhubError, ValueError, RuntimeError) as exc:
+            failures += 1
+            print(f"FAILED   {key}: {exc}")
+    for url, expected in sorted(data["weights"].items()):
+        try:
+            folder = os.path.join(hub.get_dir(), "checkpoints")
+            path = checkpoints.fetch_weights(client, url, folder, progress=False)
+            fp = checkpoints.fingerprint(folder, os.path.basename(path), url)
+            check_weight(url, fp["sha256"], fp["size"], expected)
+            print(f"ok       {url} sha256 {fp['sha256'][:12]}")
+        except (FlowhubError, ValueError, RuntimeError) as exc:
+            failures += 1
+            print(f"FAILED   {url}: {exc}")
+    print(f"{len(data['repos'])} repos and {len(data['weights'])} weight files checked, {failures} failed")
+    return 1 if failures else 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     hub = _hub(args)
     if args.output:
@@ -237,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", help="entrypoint arguments: values or key=value (Python literals)")
     p.add_argument("--input-shape", help="run a random input of this shape through the model, e.g. 1x3x224x224")
     p.set_defaults(func=cmd_load)
+
+    p = repo_command("lock", "load a model and pin its commit and weight hashes in a lockfile")
+    p.add_argument("entrypoint")
+    p.add_argument("args", nargs="*", help="entrypoint arguments: values or key=value (Python literals)")
+    p.add_argument("--lockfile", default="flowhub.lock", help="lockfile path (default ./flowhub.lock)")
+    p.add_argument("--json", action="store_true", help="print the load's provenance as JSON")
+    p.set_defaults(func=cmd_lock)
+
+    p = sub.add_parser("verify", help="check that everything a lockfile pins is available and unchanged")
+    p.add_argument("--lockfile", default="flowhub.lock", help="lockfile path (default ./flowhub.lock)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("download", help="download a file into the hub cache (or to --output)")
     p.add_argument("url")

@@ -121,3 +121,24 @@ def test_cache_ls_verify_prune(gh, hub_dir):
     proc = run("cache", "prune", "--older-than", "1h")
     assert "removed 0 entries" in proc.stdout
     assert run("cache", "prune", "--max-size", "lots").returncode == 2
+
+
+def test_lock_and_verify(gh, hub_dir, tmp_path):
+    import json
+
+    lock = tmp_path / "flowhub.lock"
+    proc = run("lock", f"{REPO}:v0.1", "tinynet", "pretrained=True", "--trust", "-q", "--lockfile", str(lock), "--json")
+    assert proc.returncode == 0, proc.stderr
+    prov = json.loads(proc.stdout)
+    assert prov["entrypoint"] == "tinynet" and len(prov["sha"]) == 40 and len(prov["weights"]) == 1
+    data = json.loads(lock.read_text())
+    assert data["repos"] == {f"{REPO}:v0.1": {"sha": prov["sha"], "locked_at": data["repos"][f"{REPO}:v0.1"]["locked_at"]}}
+    proc = run("verify", "--lockfile", str(lock))
+    assert proc.returncode == 0 and "1 repos and 1 weight files checked, 0 failed" in proc.stdout
+    cached = hub_dir / "checkpoints" / prov["weights"][0]["file"]
+    data = bytearray(cached.read_bytes())
+    data[50] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    proc = run("verify", "--lockfile", str(lock))
+    assert proc.returncode == 1 and "do not match the lockfile" in proc.stdout and "1 failed" in proc.stdout
+    assert run("verify", "--lockfile", str(tmp_path / "missing.lock")).returncode == 1
