@@ -85,13 +85,31 @@ def summarize(obj: Any, input_shape: Optional[str] = None) -> str:
     n_tensors = len(obj.state_dict())
     lines = [f"{type(obj).__name__}: {n_params:,} parameters in {n_tensors} tensors", str(obj)]
     if input_shape:
-        shape = tuple(int(x) for x in input_shape.lower().replace("x", ",").split(",") if x.strip())
+        shape = _shape(input_shape)
         flow.manual_seed(0)
         with flow.no_grad():
             out = obj.eval()(flow.randn(*shape))
         lines.append(f"output for a random input of shape {shape}: shape {tuple(out.shape)}, "
                      f"mean {float(out.mean()):.6g}")
     return "\n".join(lines)
+
+
+def _shape(text: str) -> Tuple[int, ...]:
+    return tuple(int(x) for x in text.lower().replace("x", ",").split(",") if x.strip())
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    call_args, call_kwargs = _call_args(args.args)
+    inputs = None
+    if args.input_shape:
+        import oneflow as flow
+
+        flow.manual_seed(0)
+        inputs = (flow.randn(*_shape(args.input_shape)),)
+    result = _hub(args).compare(args.repo_a, args.repo_b, args.entrypoint, *call_args, inputs=inputs,
+                                trust_repo=_trust_arg(args), skip_validation=args.skip_validation, **call_kwargs)
+    print(json.dumps(result.as_dict(), indent=1) if args.json else result.format_table())
+    return 0
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -282,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", help="entrypoint arguments: values or key=value (Python literals)")
     p.add_argument("--input-shape", help="run a random input of this shape through the model, e.g. 1x3x224x224")
     p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("compare", help="load two versions side by side and report what differs",
+                       description="Compare an entrypoint of two repos (owner/repo:ref or local folders): entrypoints, "
+                       "parameters and buffers, and outputs for a random input.")
+    p.add_argument("repo_a")
+    p.add_argument("repo_b")
+    p.add_argument("entrypoint")
+    p.add_argument("args", nargs="*", help="entrypoint arguments: values or key=value (Python literals)")
+    p.add_argument("--input-shape", help="shape of the random input, e.g. 1x3x224x224 (default: guessed)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--trust", action="store_true", help="trust both repositories")
+    p.add_argument("--skip-validation", action="store_true", help="do not check the refs with the GitHub API")
+    p.add_argument("--mode", choices=("rebuild", "proxy"), help="how models come back from their workers")
+    p.set_defaults(func=cmd_compare)
 
     p = repo_command("lock", "load a model and pin its commit and weight hashes in a lockfile")
     p.add_argument("entrypoint")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from flowhub import checkpoints, entrypoints, repos, settings as settings_mod
 from flowhub.download import download
@@ -18,6 +18,9 @@ from flowhub.provenance import Lockfile, Provenance
 from flowhub.settings import Settings
 from flowhub.spec import parse_repo_spec
 from flowhub.trust import TrustArg
+
+if TYPE_CHECKING:
+    from flowhub.compare import Comparison
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -115,6 +118,40 @@ class Hub:
                            weights=weights)
         self.last_provenance = Provenance.of_call(repo_dir, None, None, model, args, kwargs, weights, source="local")
         return result
+
+    def compare(self, repo_a: str, repo_b: str, model: str, *args: Any, inputs: Any = None,
+                trust_repo: TrustArg = None, force_reload: bool = False, skip_validation: bool = False,
+                **kwargs: Any) -> "Comparison":
+        """Load entrypoint ``model`` from two repos (``owner/repo[:ref]`` or local folders) side by side and compare
+        entrypoints, parameters and buffers, and outputs for ``inputs`` (guessed from the first layer if omitted).
+
+        Both sides load at once, each in its own worker (``mode="inprocess"`` is upgraded to ``"rebuild"``, since
+        two versions of one repo cannot share a process).
+        """
+        import copy
+        from concurrent.futures import ThreadPoolExecutor
+
+        from flowhub.compare import Comparison, compare_models
+
+        hub = self
+        if self.settings().mode == "inprocess":
+            hub = copy.copy(self)
+            hub._overrides = dict(self._overrides, mode="rebuild")
+
+        def side(repo: str) -> Tuple[List[str], Any]:
+            if os.path.isdir(repo):
+                repo_dir = os.path.abspath(repo)
+                names = hub._run(repo_dir, f"local:{os.path.realpath(repo_dir)}", repo_dir, "list")
+                return names, hub.load(repo_dir, model, *args, source="local", **kwargs)
+            names = hub.list(repo, force_reload=force_reload, skip_validation=skip_validation, trust_repo=trust_repo)
+            return names, hub.load(repo, model, *args, trust_repo=trust_repo, skip_validation=skip_validation, **kwargs)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            (names_a, obj_a), (names_b, obj_b) = pool.map(side, (repo_a, repo_b))
+        result = Comparison(a=repo_a, b=repo_b, entrypoint=model,
+                            entrypoints_added=sorted(set(names_b) - set(names_a)),
+                            entrypoints_removed=sorted(set(names_a) - set(names_b)))
+        return compare_models(obj_a, obj_b, result, inputs)
 
     def _checkout(self, github: str, force_reload: bool, skip_validation: bool, trust_repo: TrustArg,
                   calling_fn: str, verbose: bool) -> repos.Checkout:
