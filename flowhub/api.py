@@ -11,6 +11,7 @@ import contextvars
 import os
 from typing import Any, Dict, Iterator, List, Optional
 
+from flowhub import settings as settings_mod
 from flowhub.hub import Hub, PathLike
 from flowhub.trust import TrustArg
 
@@ -120,8 +121,8 @@ def get_dir() -> str:
 
 
 def set_dir(d: PathLike) -> None:
-    """Use ``d`` as the hub cache folder from now on (``~`` is expanded)."""
-    current_hub().set_dir(d)
+    """Use ``d`` as the hub cache folder from now on (``~`` is expanded), for every ``Hub`` not given its own."""
+    settings_mod.set_process_hub_dir(os.fspath(d))
 
 
 def list(github: str, force_reload: bool = False, skip_validation: bool = False,  # noqa: A001

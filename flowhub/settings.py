@@ -81,8 +81,19 @@ class Settings:
         return dataclasses.asdict(self)
 
 
+_process_hub_dir: Optional[str] = None
+
+
+def set_process_hub_dir(path: Optional[str]) -> None:
+    """``flowhub.set_dir``: the hub folder of every ``Hub`` in this process that was not given one."""
+    global _process_hub_dir
+    _process_hub_dir = os.path.expanduser(path) if path is not None else None
+
+
 def default_hub_dir(env: Mapping[str, str]) -> str:
-    """The reference's precedence after ``set_dir``: $ONEFLOW_HOME/hub, $XDG_CACHE_HOME/oneflow/hub, ~/.cache/oneflow/hub."""
+    """The reference's precedence: ``set_dir``, $ONEFLOW_HOME/hub, $XDG_CACHE_HOME/oneflow/hub, ~/.cache/oneflow/hub."""
+    if _process_hub_dir is not None:
+        return _process_hub_dir
     if env.get(ENV_ONEFLOW_HOME):
         return os.path.join(os.path.expanduser(env[ENV_ONEFLOW_HOME]), "hub")
     cache_home = os.path.expanduser(env.get(ENV_XDG_CACHE_HOME) or DEFAULT_CACHE_DIR)

@@ -68,6 +68,22 @@ def main() -> int:
             flowhub.load(f"{REPO}:v0.1", "tinynet", pretrained=True)
             print(f"  requests made to the server: {len(server.requests)}")
 
+            banner("Two versions side by side in one process (each in its own worker)")
+            hub = flowhub.Hub(mode="rebuild", lockfile=work / "flowhub.lock")
+            old = hub.load(f"{REPO}:v0.1", "tinynet", pretrained=True)
+            new = hub.load(f"{REPO}:v0.2", "tinynet", pretrained=True)
+            print(f"  v0.1 {type(old).__name__}: features.4 = {old.features[4]}")
+            print(f"  v0.2 {type(new).__name__}: features.4 = {new.features[4]}")
+            print(f"  two distinct classes, each from its own checkout: {type(old) is not type(new)}")
+
+            banner(f"hub.compare({REPO + ':v0.1'!r}, {REPO + ':v0.2'!r}, 'tinynet', pretrained=True)")
+            print(hub.compare(f"{REPO}:v0.1", f"{REPO}:v0.2", "tinynet", pretrained=True).format_table())
+
+            banner("Locked: flowhub.lock pins each commit and weight hash")
+            print("  " + (work / "flowhub.lock").read_text().replace("\n", "\n  "))
+            print(f"  provenance of the last load: commit {hub.last_provenance.sha[:12]}, "
+                  f"weights {[w['file'] for w in hub.last_provenance.weights]}")
+
             banner("What is in the cache")
             for path in sorted(Path(flowhub.get_dir()).rglob("*")):
                 rel = path.relative_to(flowhub.get_dir())

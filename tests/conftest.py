@@ -16,6 +16,7 @@ import build_hub  # noqa: E402
 
 import flowhub  # noqa: E402
 import flowhub.api  # noqa: E402
+import flowhub.settings  # noqa: E402
 from flowhub.server import GitHubServer  # noqa: E402
 
 _FLOWHUB_ENV = ("FLOWHUB_GITHUB_URL", "FLOWHUB_GITHUB_API_URL", "FLOWHUB_OFFLINE", "FLOWHUB_TIMEOUT",
@@ -58,8 +59,10 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setenv("ONEFLOW_HOME", str(tmp_path / "oneflow_home"))
     monkeypatch.setenv("FLOWHUB_TIMEOUT", "5")
     flowhub.api._default_hub = None
+    flowhub.settings.set_process_hub_dir(None)
     yield
     flowhub.api._default_hub = None
+    flowhub.settings.set_process_hub_dir(None)
 
 
 @pytest.fixture

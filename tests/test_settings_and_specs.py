@@ -60,6 +60,8 @@ def test_hub_dir_precedence(monkeypatch, tmp_path):
     assert flowhub.get_dir() == str(tmp_path / "home" / "myhub")
     flowhub.set_dir(tmp_path / "explicit")
     assert flowhub.get_dir() == str(tmp_path / "explicit")
+    assert flowhub.Hub().get_dir() == str(tmp_path / "explicit")  # set_dir applies to every Hub without its own
+    assert flowhub.Hub(hub_dir=tmp_path / "own").get_dir() == str(tmp_path / "own")
 
 
 def test_settings_are_read_at_call_time(monkeypatch):
