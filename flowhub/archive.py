@@ -33,6 +33,10 @@ def _safe_member_path(name: str, archive: str) -> str:
     return "/".join(parts)
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + os.sep)
+
+
 def open_zip(path: str, what: str) -> zipfile.ZipFile:
     """Open a zip archive, with an error that says what was expected when it is not one."""
     try:
@@ -59,6 +63,10 @@ def extract_zip(path: str, dest: str, what: str = "Extracting") -> List[str]:
                 if not rel:
                     continue
                 target = os.path.join(dest_real, *rel.split("/"))
+                # Resolve through links extracted earlier: 'd -> .' then 'd/e -> ../..' must not lead outside.
+                if not _inside(os.path.realpath(os.path.dirname(target)), dest_real):
+                    raise ArchiveError(f"{path}: member {info.filename!r} would be written through a link "
+                                       "outside the archive's folder; refusing it.")
                 if info.is_dir():
                     os.makedirs(target, exist_ok=True)
                     continue
@@ -66,7 +74,9 @@ def extract_zip(path: str, dest: str, what: str = "Extracting") -> List[str]:
                 if _is_symlink(info):
                     link = zf.read(info).decode("utf-8")
                     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), link))
-                    if link.startswith("/") or resolved == ".." or resolved.startswith("../"):
+                    real = os.path.realpath(os.path.join(os.path.dirname(target), link))
+                    if link.startswith("/") or resolved == ".." or resolved.startswith("../") \
+                            or not _inside(real, dest_real):
                         raise ArchiveError(f"{path}: link {info.filename!r} -> {link!r} points outside the archive; refusing it.")
                     os.symlink(link, target)
                 else:

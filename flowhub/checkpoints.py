@@ -15,17 +15,21 @@ import re
 import sys
 import time
 import zipfile
+import zlib
 from typing import Any, Callable, Dict, Optional
 from urllib.parse import urlparse
 
 from flowhub import archive, store
 from flowhub.download import download
-from flowhub.errors import OfflineError
+from flowhub.errors import ArchiveError, OfflineError
 from flowhub.network import HttpClient
 from flowhub.settings import ENV_OFFLINE
 
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 EXTRACTED_SUFFIX = ".extracted"
+_MARKER = store.META_DIR + "-complete.json"  # inside ``<zip>.extracted/``, written last
+# What a zip that cannot be extracted raises (zipfile lets zlib's and some others through).
+_BAD_ZIP = (ArchiveError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
 
 
 def file_record_path(model_dir: str, filename: str) -> str:
@@ -112,24 +116,88 @@ def _checkpoint_in(folder: str) -> str:
     return folder
 
 
+def _intact_record(final: str) -> Optional[Dict[str, Any]]:
+    """The completion record of ``final`` if every file it lists is still there with its size, else None."""
+    record = store.read_json(os.path.join(final, _MARKER))
+    if not isinstance(record, dict):
+        return None
+    for rel, size in (record.get("files") or {}).items():
+        try:
+            if os.lstat(os.path.join(final, rel)).st_size != size:
+                return None
+        except OSError:
+            return None
+    return record
+
+
+def _zip_sha256(cached_zip: str, st: os.stat_result) -> str:
+    """SHA-256 of the cached zip: from its download record if that still describes the file, else hashed."""
+    record = store.read_json(file_record_path(os.path.dirname(cached_zip), os.path.basename(cached_zip)))
+    if isinstance(record, dict) and record.get("sha256") and record.get("size") == st.st_size \
+            and record.get("mtime_ns") == st.st_mtime_ns:
+        return record["sha256"]
+    return file_sha256(cached_zip)
+
+
+def _discard(cached_zip: str, used: os.stat_result) -> None:
+    """Remove a cached file that cannot be used (and its record), unless it was replaced meanwhile."""
+    try:
+        now = os.stat(cached_zip)
+        if (now.st_ino, now.st_size, now.st_mtime_ns) == (used.st_ino, used.st_size, used.st_mtime_ns):
+            os.remove(cached_zip)
+            store.remove_tree(file_record_path(os.path.dirname(cached_zip), os.path.basename(cached_zip)))
+    except OSError:
+        pass
+
+
 def extracted_checkpoint(cached_zip: str, lock_timeout: float) -> str:
-    """Extract ``cached_zip`` once into ``<zip>.extracted/`` and return the checkpoint path inside it."""
+    """Extract ``cached_zip`` once into ``<zip>.extracted/`` and return the checkpoint path inside it.
+
+    The folder is replaced only when its zip has new content or a file it produced has gone or
+    changed size: the same bytes published again (a second download, ``force_reload``) only update its
+    record, so processes reading the folder meanwhile are never pulled from under. A zip that cannot be
+    extracted (corrupt, or with members that would escape the folder) is removed from the cache, so
+    the next call downloads it again instead of failing on the same bytes forever.
+    """
     model_dir = os.path.dirname(cached_zip)
     final = cached_zip + EXTRACTED_SUFFIX
+    marker = os.path.join(final, _MARKER)
     stat = os.stat(cached_zip)
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    marker = os.path.join(final, store.META_DIR + "-complete.json")
-    if store.read_json(marker) == stamp:
+
+    def current(record: Optional[Dict[str, Any]]) -> bool:
+        return record is not None and all(record.get(k) == v for k, v in stamp.items())
+
+    if current(_intact_record(final)):
         return _checkpoint_in(final)
     lock = os.path.join(store.meta_dir(model_dir, "locks"), store.lock_name(os.path.basename(final)))
     with store.entry_lock(lock, lock_timeout, f"extracting {os.path.basename(cached_zip)}"):
-        if store.read_json(marker) == stamp:
+        record = _intact_record(final)
+        if current(record):
+            return _checkpoint_in(final)
+        sha = _zip_sha256(cached_zip, stat)
+        if record is not None and record.get("sha256") == sha:
+            try:
+                store.write_json_atomic(marker, dict(record, **stamp))
+            except OSError:
+                pass
             return _checkpoint_in(final)
         stage = store.staging_dir(model_dir)
         try:
-            archive.extract_zip(cached_zip, stage, f"Extracting {cached_zip}")
-            store.write_json_atomic(os.path.join(stage, store.META_DIR + "-complete.json"), stamp)
-            store.publish_dir(stage, final, model_dir, replace=os.path.lexists(final))
+            try:
+                written = archive.extract_zip(cached_zip, stage, f"Extracting {cached_zip}")
+            except _BAD_ZIP as exc:
+                _discard(cached_zip, stat)
+                message = str(exc) if isinstance(exc, ArchiveError) else \
+                    f"Extracting {cached_zip}: it is corrupt ({type(exc).__name__}: {exc})."
+                raise ArchiveError(f"{message} The cached copy was removed, so the next call downloads it "
+                                   "again.") from None
+            files = {rel: os.lstat(os.path.join(stage, rel)).st_size for rel in written}
+            store.write_json_atomic(os.path.join(stage, _MARKER), dict(stamp, sha256=sha, files=files))
+            # Someone without the lock may have published the same content meanwhile: keep theirs.
+            existing = _intact_record(final)
+            same = existing is not None and existing.get("sha256") == sha
+            store.publish_dir(stage, final, model_dir, replace=os.path.lexists(final) and not same)
         finally:
             store.remove_tree(stage)
     return _checkpoint_in(final)

@@ -86,9 +86,16 @@ class _Transfer:
                 headers["If-Range"] = self.etag
         response = self.client.get(self.url, what=f"Downloading {self.url}", stream=True, headers=headers)
         check_status(response, f"Downloading {self.url}")
-        if self.written and response.status_code == 206 and self._range_matches(response):
-            return response
-        if self.written:  # the server ignored or refused our Range: start over from byte 0
+        if self.written and response.status_code == 206:
+            if self._range_matches(response):
+                return response
+            # A part of some other version of the file (or of another range): its bytes cannot be
+            # appended, nor taken as the start of the file. Start over with a plain request.
+            response.close()
+            self.restart()
+            self.etag = None
+            return self.open()
+        if self.written:  # the server ignored our Range (200, full body): start over from byte 0
             self.restart()
         length = response.headers.get("Content-Length")
         self.total = int(length) if length is not None and response.status_code == 200 else None
@@ -106,12 +113,37 @@ class _Transfer:
         return not (self.etag and etag and etag != self.etag)
 
     def pump(self, response: requests.Response) -> None:
+        """Write the body as it arrives, in blocks of up to ``CHUNK_SIZE``.
+
+        ``read1`` returns what has arrived (at most one socket read) instead of waiting for a full
+        chunk, so when the connection drops, the bytes received since the last full block are still
+        written, and the resume starts after them. (``iter_content(CHUNK_SIZE)`` loses up to a chunk
+        on every drop: a file smaller than a chunk was never resumed, and a link that drops more often
+        than once per chunk never finished.)
+        """
         with response:
-            for chunk in response.iter_content(CHUNK_SIZE):
-                self.out.write(chunk)
-                self.sha.update(chunk)
-                self.written += len(chunk)
-                self.bar.update(len(chunk))  # type: ignore[union-attr]
+            raw = response.raw
+            block = bytearray()
+            try:
+                while True:
+                    piece = raw.read1(CHUNK_SIZE - len(block), decode_content=True)
+                    if not piece:
+                        break
+                    block += piece
+                    if len(block) >= CHUNK_SIZE:
+                        self._take(block)
+                        block.clear()
+            except _STREAM_ERRORS:
+                self._take(block)  # what arrived before the failure is good: keep it
+                raise
+            self._take(block)
+
+    def _take(self, data: bytearray) -> None:
+        if data:
+            self.out.write(data)
+            self.sha.update(data)
+            self.written += len(data)
+            self.bar.update(len(data))  # type: ignore[union-attr]
 
 
 def download(client: HttpClient, url: str, dst: str, *, hash_prefix: Optional[str] = None,
@@ -151,7 +183,7 @@ def _run(transfer: _Transfer) -> None:
         except _STREAM_ERRORS as exc:
             failures_without_progress = 0 if transfer.written > before else failures_without_progress + 1
             if failures_without_progress > transfer.client.settings.retries or attempts > MAX_RESUMES:
-                raise _stream_failure(transfer, exc) from exc
+                raise _stream_failure(transfer, exc, attempts) from exc
             continue
         except NetworkError:
             raise
@@ -165,11 +197,11 @@ def _run(transfer: _Transfer) -> None:
                 f"{transfer.written}; nothing was saved. Try again later.")
 
 
-def _stream_failure(transfer: _Transfer, exc: BaseException) -> Exception:
+def _stream_failure(transfer: _Transfer, exc: BaseException, attempts: int) -> Exception:
     if transfer.total is not None and transfer.written < transfer.total and not isinstance(exc, requests.exceptions.Timeout) \
             and "timed out" not in str(exc).lower():
         return IncompleteDownloadError(
             f"Downloading {transfer.url}: the connection kept dropping ({transfer.written} of {transfer.total} "
-            f"bytes after {transfer.client.settings.retries} retries without progress); nothing was saved. "
-            f"Try again later.")
+            f"bytes after {attempts} requests, {transfer.client.settings.retries} retries allowed without progress, "
+            f"{MAX_RESUMES} resumes in all); nothing was saved. Try again later.")
     return network_error(f"Downloading {transfer.url}", transfer.url, exc, transfer.client.settings)

@@ -185,7 +185,8 @@ class Hub:
                                   args=tuple(args), kwargs=dict(kwargs or {}), mode=settings.mode,
                                   settings=dict(settings.as_dict(), refresh_weights=refresh_weights,
                                                 expected_weights=expected),
-                                  timeout=settings.worker_timeout, label=label, mock_torch=self.mock_torch)
+                                  timeout=settings.worker_timeout, label=label, mock_torch=self.mock_torch,
+                                  weights=weights)
 
     # -- downloads ----------------------------------------------------------------------------------
     def download_url_to_file(self, url: str, dst: PathLike, hash_prefix: Optional[str] = None,

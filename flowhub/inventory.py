@@ -73,7 +73,7 @@ def scan(hub_dir: str) -> List[Entry]:
     if os.path.isdir(model_dir):
         for name in sorted(os.listdir(model_dir)):
             path = os.path.join(model_dir, name)
-            if name.startswith(".") or name.endswith(EXTRACTED_SUFFIX) or not os.path.isfile(path):
+            if name.startswith(".") or name.endswith((EXTRACTED_SUFFIX, ".partial")) or not os.path.isfile(path):
                 continue
             record = store.read_json(file_record_path(model_dir, name)) or {}
             extracted = path + EXTRACTED_SUFFIX

@@ -29,7 +29,7 @@ DEFAULT_GITHUB_API_URL = "https://api.github.com"
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 2
 DEFAULT_LOCK_TIMEOUT = 600.0
-DEFAULT_MODE = "inprocess"
+DEFAULT_MODE = "rebuild"
 MODES = ("inprocess", "rebuild", "proxy")
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -4,8 +4,8 @@ The worker imports the repository's ``hubconf.py`` once (with ``oneflow.mock_tor
 when asked), then answers requests until its socket closes::
 
     request  {"op": "list"|"help"|"load", "model", "mode", "size", "table"}
-             body = encoded (settings, args, kwargs), optional memfd of their tensors
-    reply    {"ok": true, "size", "table"}  body = encoded result, optional memfd
+             body = encoded (settings, args, kwargs, rng state), optional memfd of their tensors
+    reply    {"ok": true, "size", "table"}  body = encoded (result, rng state), optional memfd
              {"ok": false, "kind": "hubconf"|"transfer", "error": {...}, "fatal": bool}
              body = the exception pickled by reference (or empty)
 
@@ -16,7 +16,6 @@ reports a crash) instead of being passed on to end the caller.
 """
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import sys
@@ -45,7 +44,7 @@ class WorkerLoop:
         self.sock = sock
         self.repo_dir = repo_dir
         self.mock_torch = mock_torch
-        self.modules = rebuild.ByValueModules(repo_dir)
+        self.modules = rebuild.ByValueModules(repo_dir, ignore=list(sys.modules))  # the zygote's, no repo code
         self._hubconf: Optional[types.ModuleType] = None
 
     # -- the repository ---------------------------------------------------------------------------
@@ -76,13 +75,14 @@ class WorkerLoop:
             raise _Failure("hubconf", exc) from None
 
     # -- one request --------------------------------------------------------------------------------
-    def _decode_request(self, header: dict, body: bytes, fds: List[int]) -> Tuple[Optional[dict], tuple, dict]:
+    def _decode_request(self, header: dict, body: bytes, fds: List[int]) -> Tuple[Optional[dict], tuple, dict,
+                                                                                Optional[bytes]]:
         try:
             table = header.get("table") or []
             arrays = transfer.unpack(fds[0] if fds else None, int(header.get("size", 0)), table)
             fds.clear()
-            settings, args, kwargs = rebuild.decode(body, arrays, table)
-            return settings, tuple(args), dict(kwargs)
+            settings, args, kwargs, rng = rebuild.decode(body, arrays, table)
+            return settings, tuple(args), dict(kwargs), rng
         except Exception as exc:
             raise _Failure("transfer", TransferError(
                 f"the arguments could not be rebuilt in the worker: {type(exc).__name__}: {exc}")) from None
@@ -91,18 +91,22 @@ class WorkerLoop:
         op, model = header.get("op"), header.get("model")
         packed: Optional[transfer.Packed] = None
         try:
-            if op not in OPS:
-                raise _Failure("transfer", ValueError(f"unknown worker operation {op!r}"))
-            settings, args, kwargs = self._decode_request(header, body, fds)
+            if op not in OPS or header.get("mode", "rebuild") != "rebuild":  # "proxy": a later issue
+                raise _Failure("transfer", ValueError(f"unsupported worker request {op!r} / {header.get('mode')!r}"))
+            settings, args, kwargs, rng = self._decode_request(header, body, fds)
             if settings is not None:
                 from flowhub.api import adopt_settings
 
                 adopt_settings(settings)
+            if rng:
+                rebuild.set_rng_state(rng)
             result = self.run(op, model, args, kwargs)
             del args, kwargs
             self.modules.refresh()
             try:
-                encoded = rebuild.encode(result)
+                from flowhub.api import take_weights_log
+
+                encoded = rebuild.encode((result, rebuild.rng_state(), take_weights_log()))
                 del result
                 packed = transfer.pack(encoded.arrays, name="flowhub-result")
             except Exception as exc:
@@ -113,26 +117,29 @@ class WorkerLoop:
             protocol.send_message(self.sock, {"ok": True, "size": packed.size, "table": table}, encoded.blob,
                                   [packed.fd] if packed.fd is not None else [])
         except _Failure as failure:
-            self.modules.refresh()
-            info, blob = failures.describe(failure.exc, self.modules.is_repo_module)
-            protocol.send_message(self.sock, {"ok": False, "kind": failure.kind, "error": info,
-                                              "fatal": failure.fatal}, blob)
+            self._send_failure(failure)
+        except Exception as exc:  # outside hubconf code (settings, our own loop): report, then retire
+            self._send_failure(_Failure("hubconf", exc, fatal=True))
         finally:
             protocol.close_fds(fds)
             if packed is not None:
                 packed.close()
+
+    def _send_failure(self, failure: _Failure) -> None:
+        self.modules.refresh()
+        info, blob = failures.describe(failure.exc, self.modules.is_repo_module)
+        protocol.send_message(self.sock, {"ok": False, "kind": failure.kind, "error": info,
+                                          "fatal": failure.fatal}, blob)
 
     def serve(self) -> None:
         """Answer requests until the caller closes the socket."""
         while True:
             try:
                 header, body, fds = protocol.recv_message(self.sock)
-            except (protocol.PeerClosed, ConnectionError):
+                self.handle(header, body, fds)
+            except (protocol.PeerClosed, ConnectionError):  # the caller is gone or dropped us
                 return
-            self.handle(header, body, fds)
             del body
-            if gc.get_count()[0] > 200:
-                gc.collect()
 
 
 def _exit_code(exc: SystemExit) -> int:

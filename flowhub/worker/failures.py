@@ -10,14 +10,27 @@ worker's traceback into its message; any other type becomes a ``HubconfError`` t
 """
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import traceback
+import types
 from typing import Callable, Optional, Tuple
 
 from flowhub.errors import HubconfError
 
 _MAX_TRACEBACK = 64 << 10
+_FLOWHUB = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MACHINERY = (os.path.join(_FLOWHUB, "worker") + os.sep, os.path.join(_FLOWHUB, "entrypoints.py"),
+              "<frozen importlib")
+
+
+def _skip_machinery(tb: Optional[types.TracebackType]) -> Optional[types.TracebackType]:
+    """Drop the leading frames of the worker loop and the import system, if any frame remains."""
+    first = tb
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_MACHINERY):
+        tb = tb.tb_next
+    return tb or first
 
 
 class WorkerTraceback(Exception):
@@ -41,7 +54,7 @@ def describe(exc: BaseException, is_repo_module: Callable[[object], bool]) -> Tu
         message = str(exc)
     except Exception:  # a broken __str__ must not hide the failure itself
         message = f"<unprintable {cls.__name__}>"
-    text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    text = "".join(traceback.format_exception(cls, exc, _skip_machinery(exc.__traceback__)))
     if len(text) > _MAX_TRACEBACK:
         text = "...\n" + text[-_MAX_TRACEBACK:]
     info = {"type": f"{cls.__module__}.{cls.__qualname__}", "message": message, "traceback": text}

@@ -16,13 +16,16 @@ Classes and functions of ``hubconf.py`` itself are pickled by value anyway (it i
 """
 from __future__ import annotations
 
+import builtins
 import io
 import os
 import pickle
 import sys
+import threading
+import types
 from collections import ChainMap
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import cloudpickle
 import numpy as np
@@ -43,6 +46,34 @@ def _reduce_module_wrapper(wrapper: Any) -> tuple:
     import importlib
 
     return importlib.import_module, (wrapper.module.__name__,)
+
+
+_MODULE_SKIP = ("__builtins__", "__loader__", "__spec__", "__cached__")
+
+
+def _pickled_by_value(module: types.ModuleType) -> bool:
+    """What cloudpickle would send by value: modules not importable by name, or registered ones."""
+    name = module.__name__
+    if sys.modules.get(name) is not module:
+        return True
+    return any(name == r or name.startswith(r + ".") for r in cloudpickle.list_registry_pickle_by_value())
+
+
+def _new_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__["__builtins__"] = builtins.__dict__
+    return module
+
+
+def _set_module_state(module: types.ModuleType, state: dict) -> None:
+    module.__dict__.update(state)
+
+
+def _reduce_module_by_value(module: types.ModuleType) -> tuple:
+    # Unlike cloudpickle's own reducer, the namespace goes in the *state*, applied after the new
+    # module is memoised, so packages and submodules that refer to each other do not recurse forever.
+    state = {k: v for k, v in vars(module).items() if k not in _MODULE_SKIP}
+    return _new_module, (module.__name__,), state, None, None, _set_module_state
 
 
 def _extra_reducers() -> Dict[type, Callable[[Any], tuple]]:
@@ -71,6 +102,11 @@ class _Pickler(cloudpickle.Pickler):
         self.meta: List[dict] = []
         self._seen: Dict[int, int] = {}
         self._keep: List[Any] = []  # keeps id()s stable while pickling
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.ModuleType and _pickled_by_value(obj):
+            return _reduce_module_by_value(obj)
+        return super().reducer_override(obj)
 
     def _out_of_band(self, buffer: pickle.PickleBuffer) -> bool:
         self._keep.append(buffer)
@@ -153,14 +189,48 @@ def decode(blob: bytes, arrays: Sequence[np.ndarray], meta: Sequence[dict]) -> A
     return _Unpickler(io.BytesIO(blob), arrays, meta).load()
 
 
+_first_use = threading.Lock()
+_ready = False
+
+
+def _oneflow_ready() -> None:
+    """Make oneflow's first call from one thread at a time: oneflow 0.9 deadlocks when two threads
+    make their first call into it at once (seen with ``Hub.compare``'s two loads)."""
+    global _ready
+    if not _ready:
+        with _first_use:
+            if not _ready:
+                flow.get_rng_state()
+                _ready = True
+
+
+def rng_state() -> bytes:
+    """oneflow's default (CPU) generator state. It travels with each call, so that
+    ``flow.manual_seed(0); hub.load(...)`` initialises a model exactly as it would in-process, and
+    comes back so the caller's generator moves on instead of repeating what the load drew.
+
+    oneflow 0.9's ``set_rng_state`` only restores a *freshly seeded* generator exactly; a state taken
+    after draws comes back as some other (deterministic) state. So a load right after
+    ``manual_seed`` matches in-process bit for bit, later draws are reproducible but differ."""
+    _oneflow_ready()
+    return flow.get_rng_state().numpy().tobytes()
+
+
+def set_rng_state(state: bytes) -> None:
+    flow.set_rng_state(flow.tensor(np.frombuffer(state, dtype=np.uint8).copy()))
+
+
 class ByValueModules:
     """Registers every imported module whose file lies inside ``repo_dir`` to be pickled by value.
 
-    Rescans ``sys.modules`` only when it has grown (a full scan costs ~20 ms with oneflow loaded).
+    Modules named in ``ignore`` (in a worker: everything the zygote had imported, which never
+    includes repository code) are not examined, and a rescan happens only when ``sys.modules``
+    has grown, so the check costs almost nothing per call.
     """
 
-    def __init__(self, repo_dir: str) -> None:
+    def __init__(self, repo_dir: str, ignore: Iterable[str] = ()) -> None:
         self.root = os.path.realpath(repo_dir) + os.sep
+        self._ignore = set(ignore)
         self._scanned = 0
         self.names: set = set()
 
@@ -180,8 +250,9 @@ class ByValueModules:
         if len(sys.modules) == self._scanned:
             return
         for name, module in list(sys.modules.items()):
-            if name in self.names or module is None:
+            if name in self._ignore or module is None:
                 continue
+            self._ignore.add(name)  # each module is examined once
             if self.is_repo_module(module):
                 try:
                     cloudpickle.register_pickle_by_value(module)

@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""Benchmark isolated loading (``Hub(mode="rebuild")``) against in-process ``oneflow.hub.load``.
+
+Every ratio is against a baseline measured in the same run, on the same machine:
+
+1. whole process, warm disk cache: ``python -c "import flowhub; flowhub.Hub(mode='rebuild').load(...)"``
+   vs ``python -c "import flowhub, oneflow.hub; oneflow.hub.load(...)"`` (target <= 1.25x);
+2. one process, warm worker: a second load of a small CNN vs in-process ``oneflow.hub.load``
+   (target <= +15 ms);
+3. weight transfer worker -> caller for ~1 GB state dicts (4 x 256 MB, and a ResNet-50-like dict of
+   320 tensors), until every page has been read, vs a plain numpy copy of the same bytes into a new
+   array (fresh pages, as any copy into another process needs; memcpy into warm pages is printed
+   too), with the
+   caller's peak extra memory (``VmHWM`` after ``echo 5 > /proc/self/clear_refs``) vs the payload
+   (targets: >= 0.2 of the copy's speed, <= 1.1x the payload).
+
+Usage: ``python scripts/bench_load.py [--quick]`` (``--quick``: fewer runs, 1/4 of the bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HUBCONF = '''
+"""Benchmark repository."""
+import os
+
+import oneflow as flow
+
+from netpkg.models import SmallCNN
+
+dependencies = ["oneflow"]
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CACHE = {}
+
+
+def small_cnn(pretrained=False):
+    """A small CNN (about 0.3 M parameters)."""
+    model = SmallCNN()
+    if pretrained:
+        model.load_state_dict(flow.load(os.path.join(_HERE, "weights")))
+    return model.eval()
+
+
+def _resnet50_shapes():
+    shapes = [(64, 3, 7, 7)]
+    bn = lambda c: [(c,), (c,), (c,), (c,), ()]  # noqa: E731  weight, bias, running mean/var, count
+    shapes += bn(64)
+    cin = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            for cout, cin_, k in ((width, cin, 1), (width, width, 3), (width * 4, width, 1)):
+                shapes += [(cout, cin_, k, k)] + bn(cout)
+            if b == 0:
+                shapes += [(width * 4, cin, 1, 1)] + bn(width * 4)
+            cin = width * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def clear():
+    """Drop the cached state dicts (frees the worker's memory between benchmarks)."""
+    _CACHE.clear()
+
+
+def state(kind, scale=1.0):
+    """A state dict kept in this worker; built once, sent on every call."""
+    key = (kind, scale)
+    if key not in _CACHE:
+        if kind == "few":
+            n = int(64 * 2**20 * scale)  # 256 MB of float32 each at scale 1
+            _CACHE[key] = {f"w{i}": flow.full((n,), float(i + 1)) for i in range(4)}
+        else:  # ResNet-50 shapes, first dimension x 10 * scale: 320 tensors, ~1 GB at scale 1
+            sd = {}
+            for i, shape in enumerate(_resnet50_shapes()):
+                if shape:
+                    shape = (max(1, int(shape[0] * 10 * scale)),) + shape[1:]
+                    sd[f"t{i}"] = flow.full(shape, 0.5)
+                else:
+                    sd[f"t{i}"] = flow.tensor(0, dtype=flow.int64)
+            _CACHE[key] = sd
+    return _CACHE[key]
+'''
+
+MODELS = '''
+import oneflow as flow
+import oneflow.nn as nn
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU())
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+'''
+
+
+def make_repo(root: str) -> str:
+    import flowhub  # noqa: F401
+    import oneflow as flow
+
+    repo = os.path.join(root, "repo")
+    os.makedirs(os.path.join(repo, "netpkg"))
+    with open(os.path.join(repo, "hubconf.py"), "w") as f:
+        f.write(HUBCONF)
+    with open(os.path.join(repo, "netpkg", "__init__.py"), "w") as f:
+        f.write("")
+    with open(os.path.join(repo, "netpkg", "models.py"), "w") as f:
+        f.write(MODELS)
+    sys.path.insert(0, repo)
+    try:
+        from netpkg.models import SmallCNN
+
+        flow.save(SmallCNN().state_dict(), os.path.join(repo, "weights"))
+    finally:
+        sys.path.remove(repo)
+        for name in [n for n in sys.modules if n.split(".")[0] == "netpkg"]:
+            del sys.modules[name]
+    return repo
+
+
+def fmt(values: list) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
+
+
+# -- 1. whole process -------------------------------------------------------------------------------
+def bench_process(repo: str, runs: int, env: dict) -> None:
+    tail = "import oneflow as flow; assert m(flow.ones(1, 3, 32, 32)).shape == (1, 10)"
+    scripts = {
+        "rebuild": f"import flowhub; m = flowhub.Hub(mode='rebuild').load({repo!r}, 'small_cnn', "
+                   f"source='local', pretrained=True); {tail}",
+        "inprocess": f"import flowhub, oneflow.hub; m = oneflow.hub.load({repo!r}, 'small_cnn', "
+                     f"source='local', pretrained=True); {tail}",
+    }
+    times: dict = {k: [] for k in scripts}
+    for i in range(runs + 1):
+        for name, code in scripts.items():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if i:  # the first round only warms the page cache
+                times[name].append(time.perf_counter() - start)
+    ratio = statistics.median(times["rebuild"]) / statistics.median(times["inprocess"])
+    print(f"[1] whole process, warm cache ({runs} runs, median [min-max] s)")
+    print(f"    in-process oneflow.hub.load : {fmt(times['inprocess'])}")
+    print(f"    Hub(mode='rebuild').load    : {fmt(times['rebuild'])}")
+    print(f"    ratio {ratio:.2f}x (target <= 1.25x) {'OK' if ratio <= 1.25 else 'MISSED'}")
+
+
+# -- 2. warm worker -------------------------------------------------------------------------------
+def bench_warm(repo: str, runs: int) -> None:
+    import flowhub
+    import oneflow.hub
+
+    hub = flowhub.Hub(mode="rebuild")
+    x = __import__("oneflow").ones(1, 3, 32, 32)
+    hub.load(repo, "small_cnn", source="local", pretrained=True)  # start the zygote and the worker
+    oneflow.hub.load(repo, "small_cnn", source="local", pretrained=True)
+    rebuilt, inproc = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        m = hub.load(repo, "small_cnn", source="local", pretrained=True)
+        rebuilt.append((time.perf_counter() - start) * 1e3)
+        m(x).numpy()  # use it, and wait: oneflow runs ops asynchronously, on the CPUs the next load needs
+        start = time.perf_counter()
+        m = oneflow.hub.load(repo, "small_cnn", source="local", pretrained=True)
+        inproc.append((time.perf_counter() - start) * 1e3)
+        m(x).numpy()
+    extra = statistics.median(rebuilt) - statistics.median(inproc)
+    print(f"[2] one process, warm worker, small CNN pretrained ({runs} loads, median [min-max] ms)")
+    print(f"    in-process oneflow.hub.load : {fmt(inproc)}")
+    print(f"    Hub(mode='rebuild').load    : {fmt(rebuilt)}")
+    print(f"    extra {extra:+.1f} ms (target <= +15 ms) {'OK' if extra <= 15 else 'MISSED'}")
+    for name in [n for n in sys.modules if n.split(".")[0] == "netpkg"]:
+        del sys.modules[name]
+
+
+# -- 3. transfer ----------------------------------------------------------------------------------
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _touch(arrays) -> int:
+    import numpy as np
+
+    total = 0
+    for a in arrays:
+        flat = a.reshape(-1).view(np.uint8)
+        total += int(flat[::4096].sum()) if flat.size else 0
+    return total
+
+
+def _settle() -> None:
+    gc.collect()
+    time.sleep(0.05)  # oneflow frees tensors asynchronously
+    gc.collect()
+
+
+def _copy_into(arrays, dst):
+    import numpy as np
+
+    pos = 0
+    for a in arrays:
+        np.copyto(dst[pos:pos + a.nbytes], a.reshape(-1).view(np.uint8))
+        pos += a.nbytes
+    _touch([dst])
+
+
+def bench_transfer(repo: str, runs: int, scale: float) -> None:
+    import flowhub
+    import numpy as np
+
+    hub = flowhub.Hub(mode="rebuild")
+    print(f"[3] transfer worker -> caller, until every page is read ({runs} runs, median [min-max])")
+    for kind, label in (("few", "4 tensors"), ("resnet", "ResNet-50-like")):
+        sd = hub.load(repo, "state", kind, scale, source="local")  # build in the worker, warm up
+        arrays = [t.numpy().copy() for t in sd.values()]  # the same bytes, for the copy baselines
+        count, payload = len(arrays), sum(a.nbytes for a in arrays)
+        warm = np.ones(payload, np.uint8)  # memcpy destination, already faulted in
+        del sd
+        _settle()
+        t_xfer, peaks, t_fresh, t_warm = [], [], [], []
+        for _ in range(runs):
+            before = _reset_peak()
+            start = time.perf_counter()
+            sd = hub.load(repo, "state", kind, scale, source="local")
+            _touch([t.numpy() for t in sd.values()])
+            t_xfer.append(time.perf_counter() - start)
+            peaks.append((_status("VmHWM") - before) / payload)
+            del sd
+            _settle()
+            start = time.perf_counter()
+            _copy_into(arrays, np.empty(payload, np.uint8))  # a new array: fresh pages, like any transfer
+            t_fresh.append(time.perf_counter() - start)
+            _settle()
+            start = time.perf_counter()
+            _copy_into(arrays, warm)
+            t_warm.append(time.perf_counter() - start)
+        del arrays, warm
+        hub.load(repo, "clear", source="local")
+        _settle()
+        gbs = payload / 1e9
+        med = statistics.median
+        speed = med(t_fresh) / med(t_xfer)
+        peak = med(peaks)
+        print(f"    {label}: {count} tensors, {gbs:.2f} GB")
+        print(f"      numpy copy into a new array : {fmt(t_fresh)} s  ({gbs / med(t_fresh):.2f} GB/s)")
+        print(f"      memcpy into warm pages      : {fmt(t_warm)} s  ({gbs / med(t_warm):.2f} GB/s)")
+        print(f"      transfer                    : {fmt(t_xfer)} s  ({gbs / med(t_xfer):.2f} GB/s)")
+        print(f"      speed {speed:.2f} of the numpy copy (target >= 0.2) {'OK' if speed >= 0.2 else 'MISSED'}, "
+              f"{med(t_warm) / med(t_xfer):.2f} of warm memcpy; caller peak {peak:.2f}x payload "
+              f"(target <= 1.1x) {'OK' if peak <= 1.1 else 'MISSED'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs and 1/4 of the bytes")
+    opts = parser.parse_args()
+    runs_process, runs_warm, runs_xfer, scale = (3, 15, 3, 0.25) if opts.quick else (7, 40, 5, 1.0)
+    with tempfile.TemporaryDirectory(prefix="flowhub-bench-") as root:
+        env = dict(os.environ, ONEFLOW_HOME=os.path.join(root, "home"))
+        os.environ["ONEFLOW_HOME"] = env["ONEFLOW_HOME"]
+        repo = make_repo(root)
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, repo {repo}")
+        bench_process(repo, runs_process, env)
+        bench_warm(repo, runs_warm)
+        bench_transfer(repo, runs_xfer, scale)
+        from flowhub.worker import get_manager
+
+        get_manager().shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+class CustomError(Exception):
+    """An exception class that exists only inside this repository."""
