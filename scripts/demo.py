@@ -69,7 +69,7 @@ def main() -> int:
             print(f"  requests made to the server: {len(server.requests)}")
 
             banner("Two versions side by side in one process (each in its own worker)")
-            hub = flowhub.Hub(mode="rebuild", lockfile=work / "flowhub.lock")
+            hub = flowhub.Hub(lockfile=work / "flowhub.lock")
             old = hub.load(f"{REPO}:v0.1", "tinynet", pretrained=True)
             new = hub.load(f"{REPO}:v0.2", "tinynet", pretrained=True)
             print(f"  v0.1 {type(old).__name__}: features.4 = {old.features[4]}")
@@ -78,6 +78,16 @@ def main() -> int:
 
             banner(f"hub.compare({REPO + ':v0.1'!r}, {REPO + ':v0.2'!r}, 'tinynet', pretrained=True)")
             print(hub.compare(f"{REPO}:v0.1", f"{REPO}:v0.2", "tinynet", pretrained=True).format_table())
+
+            banner("The same two loads the reference's way (mode='inprocess')")
+            inprocess = flowhub.Hub(mode="inprocess")
+            inprocess.load(f"{REPO}:v0.1", "tinynet", pretrained=True, verbose=False)
+            try:
+                inprocess.load(f"{REPO}:v0.2", "tinynet", pretrained=True, verbose=False)
+                print("  loaded (unexpected)")
+            except RuntimeError as exc:
+                print("  v0.2 fails: its hubconf got v0.1's 'tinymodels' package from sys.modules:")
+                print("   ", str(exc).strip().splitlines()[-1].strip()[:110])
 
             banner("Locked: flowhub.lock pins each commit and weight hash")
             print("  " + (work / "flowhub.lock").read_text().replace("\n", "\n  "))
