@@ -111,8 +111,8 @@ ZYGOTE = textwrap.dedent(r'''
         r["read_secret_file"] = attempt(lambda: read(cfg["secret_file"]))
         r["read_secret_via_home"] = attempt(lambda: read(os.path.expanduser("~/.secret-token")))
         r["read_repo_file"] = attempt(lambda: read(os.path.join(cfg["repo"], "hubconf.py")))
-        r["write_repo_file"] = attempt(lambda: write(os.path.join(cfg["repo"], "pwned.py")))
-        r["write_outside_scratch"] = attempt(lambda: write(os.path.join(cfg["outside"], "pwned")))
+        r["write_repo_file"] = attempt(lambda: write(os.path.join(cfg["repo"], f"pwned-{CURRENT}.py")))
+        r["write_outside_scratch"] = attempt(lambda: write(os.path.join(cfg["outside"], f"pwned-{CURRENT}")))
         r["write_scratch"] = attempt(lambda: write(os.path.join(os.environ["TMPDIR"], "ok")))
         r["read_etc_shadow"] = attempt(lambda: read("/etc/shadow"))
         r["subprocess_true"] = attempt(lambda: subprocess.run(["/bin/true"]).returncode)
@@ -130,6 +130,9 @@ ZYGOTE = textwrap.dedent(r'''
         r["userfaultfd"] = call("userfaultfd", 0)
         r["perf_event_open"] = call("perf_event_open", 0, 0, -1, -1, 0)
         r["uid"] = os.getuid()
+        pdeathsig = ctypes.c_int(0)
+        libc().prctl(2, ctypes.addressof(pdeathsig), 0, 0, 0)  # PR_GET_PDEATHSIG
+        r["pdeathsig"] = pdeathsig.value
         r["conv"] = attempt(conv)
         r["thread"] = attempt(lambda: __import__("threading").Thread(target=lambda: None).start())
         emit(r)
@@ -207,6 +210,8 @@ ZYGOTE = textwrap.dedent(r'''
         pid = os.fork()
         if pid == 0:                                  # --- the worker ---
             os.close(rfd)
+            global CURRENT
+            CURRENT = name
             def emit(obj):
                 os.write(wfd, (json.dumps(obj) + "\n").encode())
             try:
@@ -214,6 +219,7 @@ ZYGOTE = textwrap.dedent(r'''
                 if drop_to_nobody:
                     os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
                     libc().prctl(4, 1, 0, 0, 0)       # PR_SET_DUMPABLE, lost by the uid change
+                libc().prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG, as the zygote does
                 if with_thread:
                     start_side_thread()
                 emit({"threads_at_apply": sb.thread_count()})
@@ -272,6 +278,7 @@ ZYGOTE = textwrap.dedent(r'''
     except OSError:
         out["tcp_accepted"] = False
     results["hostile_no_netns"] = run("hostile_no_netns", hostile, dict(base, skip_mechanisms=("namespaces",)))
+    results["hostile_no_landlock"] = run("hostile_no_landlock", hostile, dict(base, skip_mechanisms=("landlock",)))
     results["threaded"] = run("threaded", threaded, base, with_thread=True)
     results["spin"] = run("spin", spin, dict(base, cpu_seconds=1))
     results["alloc_rlimit"] = run("alloc_rlimit", alloc_rlimit, dict(base, max_memory=1536 << 20))
@@ -376,6 +383,7 @@ def test_forked_worker_is_single_threaded_and_fully_sandboxed(zygote):
             report.applied("namespaces") or report.protections["network"].startswith("landlock")):
         assert report.strength() == "strong", format_report(report)
     assert result["apply_ms"] < 50
+    assert result["pdeathsig"] == 9  # the zygote's PR_SET_PDEATHSIG survives the namespace and capset
 
 
 @pytest.mark.parametrize("scenario", ["hostile", "hostile_no_netns"])
@@ -433,6 +441,21 @@ def test_caller_environment_and_memory_are_unreadable(zygote):
     assert result["signal_parent"][0] == "denied"
 
 
+def test_report_is_honest_without_landlock(zygote):
+    """Without Landlock the secret file is readable (root owns it): the report must say so."""
+    result = _scenario(zygote, "hostile_no_landlock")
+    report = _report(result)
+    assert report.mechanisms["landlock"] == "skipped: excluded by the policy"
+    assert report.protections["filesystem"] == "none" and report.strength() == "partial"
+    assert "filesystem" in report.strength_reason()
+    if report.applied("namespaces"):  # another user namespace fails the kernel's ptrace check
+        assert result["read_parent_environ"] == ["denied", "EACCES"]
+        assert report.protections["caller environ and memory"].startswith("namespaces")
+        assert result["tcp_connect_127.0.0.1"][0] == "denied"
+    if zygote["uid"] == 0:
+        assert result["read_secret_file"][0] == "allowed"
+
+
 def test_filesystem_view(zygote):
     result = _scenario(zygote, "hostile")
     _need(_report(result), "landlock")
@@ -442,7 +465,8 @@ def test_filesystem_view(zygote):
     assert result["write_repo_file"] == ["denied", "EACCES"]
     assert result["write_outside_scratch"] == ["denied", "EACCES"]
     assert result["write_scratch"][0] == "allowed"
-    assert not os.path.exists(os.path.join(zygote["cfg"]["outside"], "pwned"))
+    assert not os.path.exists(os.path.join(zygote["cfg"]["outside"], "pwned-hostile"))
+    assert not os.path.exists(os.path.join(zygote["cfg"]["repo"], "pwned-hostile.py"))
 
 
 def test_dangerous_syscalls_are_denied(zygote):

@@ -17,6 +17,16 @@ seccomp         deny-list of dangerous system calls and socket families (last: i
 A missing mechanism never raises: it is recorded in the :class:`SandboxReport`, whose
 :meth:`~SandboxReport.strength` tells the caller whether to go on. Memory and process counts that
 the kernel cannot enforce from inside are bounded from outside by :class:`limits.Watchdog`.
+
+What the worker's caller has to do on its side, because no in-process step can:
+
+* give sandboxed workers no secrets to begin with: spawn the zygote with
+  ``environment.scrubbed_environ(policy)`` and send sandboxed workers neither the caller's ``env``
+  nor a GitHub token in their settings (code in the worker can read its own heap);
+* create the scratch folder per worker and remove it after the worker is reaped;
+* watch each worker with ``Watchdog(max_rss=..., max_processes=...)`` (the only process cap for
+  root, the only cap across a worker's subprocesses), and end it with :func:`kill_tree`, which
+  reaches the subprocesses that share its process group.
 """
 from __future__ import annotations
 

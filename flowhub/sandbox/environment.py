@@ -10,8 +10,10 @@ A forked worker inherits its variables in two places, and both are cleaned in-pr
 
 Values of removed variables may still sit in freed heap memory of the worker (Python strings that
 held them); only a zygote spawned with an already-scrubbed environment avoids that, see
-:func:`scrubbed_environ`. Other processes' ``/proc/<pid>/environ`` (the caller's) are closed by
-Landlock's ptrace scoping, not here.
+:func:`scrubbed_environ`. Other processes' ``/proc/<pid>/environ`` (the caller's, the zygote's) are
+not this module's: the kernel's ptrace access check guards them, and Landlock's scoping, the user
+namespace and (for a root caller) the dropped capabilities each make that check fail. A caller could
+add ``prctl(PR_SET_DUMPABLE, 0)`` on its side as well.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ write paths (see :mod:`flowhub.sandbox.policy`). Beyond files:
 * network, when the policy denies it: TCP ``connect`` is refused everywhere and TCP ``bind`` is
   allowed only on port 0, which OneFlow's startup needs (ABI >= 4). Landlock does not cover UDP:
   seccomp closes that (see :mod:`flowhub.sandbox.seccomp`), or the network namespace does;
-* ptrace-style access to processes outside the sandbox is refused by every Landlock ABI, which is
-  what closes ``/proc/<caller>/environ`` and ``/proc/<caller>/mem`` even for the same uid;
+* ptrace-style access to processes outside the sandbox is refused by every Landlock ABI, which
+  closes ``/proc/<caller>/environ`` and ``/proc/<caller>/mem`` even for the same uid (the user
+  namespace and dropped capabilities close them too, see :mod:`flowhub.sandbox.report`);
 * signals to processes outside the sandbox and abstract unix sockets created outside it (ABI >= 6).
 
 Landlock restricts the calling thread only (and the threads and processes it creates later), so the
@@ -100,6 +101,11 @@ def apply(policy: SandboxPolicy) -> str:
     abi = abi_version()
     if abi <= 0:
         raise Unavailable(available()[1])
+    if not os.path.isdir(policy.scratch):  # a rule needs the folder to exist
+        try:
+            os.makedirs(policy.scratch, mode=0o700, exist_ok=True)
+        except OSError:
+            pass  # recorded below as a path that could not be granted
     handled_fs = _handled_fs(abi)
     handled_net = (BIND_TCP | CONNECT_TCP) if abi >= 4 and not policy.allow_network else 0
     scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0
@@ -110,6 +116,7 @@ def apply(policy: SandboxPolicy) -> str:
         raise_errno("landlock_create_ruleset")
     skipped: List[str] = []
     granted = 0
+    named = set(policy.read_paths + policy.write_paths + (policy.scratch,))
     try:
         seen = set()
         for rule in worker_paths(policy):
@@ -121,6 +128,8 @@ def apply(policy: SandboxPolicy) -> str:
                 _add_path(ruleset, rule.path, _ACCESS[rule.access] & handled_fs)
                 granted += 1
             except FileNotFoundError:
+                if rule.path in named:
+                    skipped.append(f"{rule.path} (missing)")
                 continue  # /lib32 on a machine without it, a glob that vanished
             except OSError as exc:
                 skipped.append(f"{rule.path} ({exc.strerror})")

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from flowhub.sandbox.report import MECHANISMS
 
-#: Variables a worker keeps (``fnmatch`` patterns); everything else is removed.
+#: Variables a worker keeps (patterns whose only wildcard is ``*``); everything else is removed.
 DEFAULT_ENV_ALLOW: Tuple[str, ...] = (
     "PATH", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "LD_LIBRARY_PATH", "OMP_*", "MKL_*", "OPENBLAS_*",
     "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "PYTHON*",
@@ -29,8 +29,8 @@ DEFAULT_ENV_DENY: Tuple[str, ...] = (
 
 #: Directories with programs and libraries: read and execute.
 SYSTEM_EXEC_DIRS: Tuple[str, ...] = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-#: Kernel views: read only (other processes' ``environ``/``mem`` stay closed: Landlock denies ptrace
-#: access outside the sandbox's domain).
+#: Kernel views: read only (other processes' ``environ``/``mem`` stay closed: they need ptrace
+#: access, which Landlock, the user namespace and the dropped capabilities each deny).
 SYSTEM_READ_DIRS: Tuple[str, ...] = ("/proc", "/sys")
 #: ``/etc`` is an allow-list, not the whole folder: root can read ``/etc/shadow`` and the SSH host keys.
 ETC_ENTRIES: Tuple[str, ...] = (
@@ -63,6 +63,7 @@ class SandboxPolicy:
     read_paths: Tuple[str, ...] = ()
     write_paths: Tuple[str, ...] = ()
     allow_network: bool = False
+    #: RLIMIT_CPU, counted over the worker's whole life (a per-call limit is the caller's timeout).
     cpu_seconds: Optional[int] = None
     max_open_files: int = 256
     max_processes: Optional[int] = 64

@@ -77,7 +77,14 @@ def assess(mechanisms: Dict[str, str], *, allow_network: bool, landlock_abi: int
     else:
         prot["network"] = NONE
     prot["filesystem"] = "landlock" if ok["landlock"] else NONE
-    prot["caller environ and memory"] = ("landlock (ptrace scoping)" if ok["landlock"] else
+    # /proc/<caller>/environ and /proc/<caller>/mem pass the kernel's ptrace access check; each of
+    # these fails it: Landlock's scoping, another user namespace, or (for a root caller) lacking the
+    # capabilities the caller holds.
+    closers = [why for name, why in (("landlock", "landlock (ptrace scoping)"),
+                                     ("namespaces", "namespaces (another user namespace)"),
+                                     ("privileges", "privileges (a root caller's capabilities)"))
+               if ok[name] and (name != "privileges" or uid == 0)]
+    prot["caller environ and memory"] = (" + ".join(closers) if closers else
                                          "partial: seccomp blocks ptrace, /proc/<pid>/environ stays readable"
                                          if ok["seccomp"] else NONE)
     prot["syscalls"] = "seccomp" if ok["seccomp"] else NONE
