@@ -7,7 +7,6 @@ is never published.
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 import shutil
 import stat
@@ -50,44 +49,57 @@ def open_zip(path: str, what: str) -> zipfile.ZipFile:
 
 
 def extract_zip(path: str, dest: str, what: str = "Extracting") -> List[str]:
-    """Extract ``path`` into the existing folder ``dest``; return the member paths written."""
+    """Extract ``path`` into the existing folder ``dest``; return the member paths written.
+
+    Folders and files first, each opened with ``O_NOFOLLOW | O_EXCL`` (never through a link, never twice),
+    then the links; once all exist, every link must resolve inside ``dest``. Checking each link only when
+    it is made is not enough: a link through a name that a later link fills in changes meaning.
+    """
     dest_real = os.path.realpath(dest)
     written: List[str] = []
+    links = []
     with open_zip(path, what) as zf:
         infos = zf.infolist()
         for info in infos:
-            _safe_member_path(info.filename, path)  # validate everything before writing anything
+            _safe_member_path(info.filename, path)  # validate every name before writing anything
         try:
             for info in infos:
                 rel = _safe_member_path(info.filename, path)
                 if not rel:
                     continue
                 target = os.path.join(dest_real, *rel.split("/"))
-                # Resolve through links extracted earlier: 'd -> .' then 'd/e -> ../..' must not lead outside.
-                if not _inside(os.path.realpath(os.path.dirname(target)), dest_real):
-                    raise ArchiveError(f"{path}: member {info.filename!r} would be written through a link "
-                                       "outside the archive's folder; refusing it.")
                 if info.is_dir():
                     os.makedirs(target, exist_ok=True)
                     continue
-                os.makedirs(os.path.dirname(target), exist_ok=True)
                 if _is_symlink(info):
                     link = zf.read(info).decode("utf-8")
-                    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), link))
-                    real = os.path.realpath(os.path.join(os.path.dirname(target), link))
-                    if link.startswith("/") or resolved == ".." or resolved.startswith("../") \
-                            or not _inside(real, dest_real):
-                        raise ArchiveError(f"{path}: link {info.filename!r} -> {link!r} points outside the archive; refusing it.")
-                    os.symlink(link, target)
-                else:
-                    with zf.open(info) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
-                    mode = (info.external_attr >> 16) & 0o777
-                    if mode & 0o111:
-                        os.chmod(target, os.stat(target).st_mode | 0o111)
+                    if link.startswith("/") or re.match(r"^[A-Za-z]:", link):
+                        raise ArchiveError(f"{path}: link {info.filename!r} -> {link!r} is absolute; refusing it.")
+                    links.append((rel, target, link))
+                    continue
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                mode = 0o777 if (info.external_attr >> 16) & 0o111 else 0o666
+                try:
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+                except FileExistsError:
+                    raise ArchiveError(f"{path}: member {info.filename!r} appears twice; refusing the archive.") from None
+                with zf.open(info) as src, os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
                 written.append(rel)
         except zipfile.BadZipFile as exc:
             raise ArchiveError(f"{what}: {path} is corrupt ({exc}).") from None
+    for rel, target, link in links:
+        if not _inside(os.path.realpath(os.path.dirname(target)), dest_real):  # through an earlier link
+            raise ArchiveError(f"{path}: link {rel!r} would be created outside the archive's folder; refusing it.")
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(link, target)
+        except FileExistsError:
+            raise ArchiveError(f"{path}: link {rel!r} collides with another member; refusing the archive.") from None
+        written.append(rel)
+    for rel, target, link in links:
+        if not _inside(os.path.realpath(target), dest_real):
+            raise ArchiveError(f"{path}: link {rel!r} -> {link!r} leads outside the archive's folder; refusing it.")
     return written
 
 

@@ -40,7 +40,8 @@ def state_digest(state: Dict[str, flow.Tensor]) -> str:
 
 
 def release_asset(hub_root: Path, example, name: str = "tinynet") -> Path:
-    return hub_root / "flowhub-examples" / "tiny-models" / "releases" / "download" / "v0.1" / example["weights"]["v0.1"][name]
+    releases = hub_root / "flowhub-examples" / "tiny-models" / "releases" / "download"
+    return releases / "v0.1" / example["weights"]["v0.1"][name]
 
 
 def expected_digest(asset: Path, tmp_path: Path) -> str:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -459,7 +460,8 @@ def test_sigkill_mid_weights_download_then_next_process_succeeds(gh, files, hub_
     cached = checkpoints / asset.name
     assert cached.stat().st_size == size and sha256_file(cached) == sha256_file(asset)
     # the leftover was not used as a head start: one plain request for the whole file
-    assert [(r.range, r.status, r.bytes_sent) for r in gh.requests if r.path.endswith(asset.name)] == [(None, 200, size)]
+    fetches = [(r.range, r.status, r.bytes_sent) for r in gh.requests if r.path.endswith(asset.name)]
+    assert fetches == [(None, 200, size)]
     # The killed process's temp file is still there (nothing can tell a dead writer's from a live one's),
     # under a name no lookup uses, and it is known as a leftover (``flowhub cache prune`` removes it).
     assert cached_files(checkpoints) == sorted([asset.name, asset.name + ".extracted", partial.name])
@@ -559,7 +561,8 @@ def _symlink_member(zf: zipfile.ZipFile, name: str, target: str) -> None:
 
 def _hostile_zip(kind: str, outside: Path) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w") as zf:
+        warnings.simplefilter("ignore")  # "Duplicate name": on purpose
         zf.writestr("ckpt/pickled_data", b"not really")
         if kind == "dotdot":
             zf.writestr("ckpt/../../evil", b"pwned")
@@ -573,10 +576,25 @@ def _hostile_zip(kind: str, outside: Path) -> bytes:
         elif kind == "symlink-absolute":
             _symlink_member(zf, "ckpt/link", str(outside))
             zf.writestr("ckpt/link/evil", b"pwned")
-        elif kind == "symlink-chain":  # each link looks harmless on its own; together they leave the folder
+        elif kind == "symlink-chain":
+            # Each link stays inside when read on its own ('d' is 'ckpt' itself, so 'ckpt/d/d/.../e' is
+            # lexically deep but really sits in 'ckpt'); together they reach any folder on the machine.
+            n = len(outside.parts) + 10  # enough '..' to reach '/' from the extraction folder (< 40 links)
+            deep = "ckpt/" + "d/" * n + "e"
             _symlink_member(zf, "ckpt/d", ".")
-            _symlink_member(zf, "ckpt/d/e", "../..")
-            zf.writestr("ckpt/d/e/evil", b"pwned")
+            _symlink_member(zf, deep, "../" * n + str(outside).lstrip("/"))
+            zf.writestr(deep + "/evil", b"pwned")
+        elif kind == "symlink-late-binding":
+            # Links checked when created, while the names they go through do not exist yet: 'L' -> 'a1/...'
+            # looks inside; then a1 -> a2/../.., a2 -> a3/../.., ..., ak -> '..' make a1 climb 2k-1 levels
+            # (to '/': the extraction folder is at most len(outside.parts) + 8 deep); finally a *regular
+            # file* named like the link is written through it.
+            k = (len(outside.parts) + 8) // 2 + 2
+            _symlink_member(zf, "ckpt/L", "a1/" + str(outside / "evil").lstrip("/"))
+            for i in range(1, k):
+                _symlink_member(zf, f"ckpt/a{i}", f"a{i + 1}/../..")
+            _symlink_member(zf, f"ckpt/a{k}", "..")
+            zf.writestr("ckpt/L", b"pwned")
     return buf.getvalue()
 
 
@@ -587,15 +605,16 @@ def _assert_hostile_zip_rejected(gh, files, hub_dir, tmp_path, kind):
     name = f"hostile-{kind}.zip"
     (folder / name).write_bytes(_hostile_zip(kind, outside))
     before = {str(p) for p in tmp_path.rglob("*")}
-    with pytest.raises(ArchiveError):
+    with pytest.raises(Exception) as info:
         flowhub.load_state_dict_from_url(f"{gh.url}{prefix}/{name}", progress=False)
+    assert list(outside.iterdir()) == []
+    assert isinstance(info.value, ArchiveError), repr(info.value)
     checkpoints = hub_dir / "checkpoints"
     assert cached_files(checkpoints) == []  # no extracted folder, and the unusable zip is not kept either
     assert leftovers(hub_dir) == []
     new = {str(p) for p in tmp_path.rglob("*")} - before
     assert all(p.startswith(str(checkpoints)) or str(checkpoints).startswith(p) for p in new), new
     assert not [p for p in new if Path(p).name == "evil"]
-    assert list(outside.iterdir()) == []
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "dotdot-backslash", "absolute", "symlink-relative", "symlink-absolute"])
@@ -605,6 +624,10 @@ def test_hostile_weight_archive_is_rejected(gh, files, hub_dir, tmp_path, kind):
 
 def test_hostile_symlink_chain_is_rejected(gh, files, hub_dir, tmp_path):
     _assert_hostile_zip_rejected(gh, files, hub_dir, tmp_path, "symlink-chain")
+
+
+def test_hostile_late_bound_symlinks_are_rejected(gh, files, hub_dir, tmp_path):
+    _assert_hostile_zip_rejected(gh, files, hub_dir, tmp_path, "symlink-late-binding")
 
 
 # -- zipped OneFlow checkpoints ---------------------------------------------------------------------
