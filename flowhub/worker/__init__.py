@@ -6,7 +6,13 @@ operation) -> ``rebuild`` (cloudpickle skeleton by value) + ``transfer`` (tensor
 memfd) -> back to the caller as real objects. ``launcher`` starts the ``zygote``, which forks the
 workers; ``failures`` carries exceptions across. Importing this package is cheap: oneflow is
 imported on the first call.
+
+In ``mode="proxy"`` the result stays in the worker instead: ``objects`` (inside the worker) keeps it
+in a table and answers the requests of the caller's ``proxy`` handles, and ``codec`` carries values
+as restricted JSON plus tensors in a sealed memfd, so the caller never unpickles what such a
+worker sends.
 """
 from flowhub.worker.manager import WorkerManager, get_manager
+from flowhub.worker.proxy import Proxy, ProxyError, StaleProxyError
 
-__all__ = ["WorkerManager", "get_manager"]
+__all__ = ["WorkerManager", "get_manager", "Proxy", "ProxyError", "StaleProxyError"]

@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Tuple
 
 from flowhub import entrypoints
 from flowhub.errors import TransferError
-from flowhub.worker import failures, protocol, rebuild, transfer
+from flowhub.worker import failures, objects, protocol, rebuild, transfer
 
 OPS = ("list", "help", "load")
 
@@ -46,6 +46,7 @@ class WorkerLoop:
         self.mock_torch = mock_torch
         self.modules = rebuild.ByValueModules(repo_dir, ignore=list(sys.modules))  # the zygote's, no repo code
         self._hubconf: Optional[types.ModuleType] = None
+        self.proxies = objects.ObjectServer(self, _Failure)  # mode="proxy": objects kept here, JSON replies
 
     # -- the repository ---------------------------------------------------------------------------
     def hubconf(self) -> types.ModuleType:
@@ -88,10 +89,12 @@ class WorkerLoop:
                 f"the arguments could not be rebuilt in the worker: {type(exc).__name__}: {exc}")) from None
 
     def handle(self, header: dict, body: bytes, fds: List[int]) -> None:
+        if header.get("mode") == "proxy":
+            return self.proxies.handle(header, body, fds)
         op, model = header.get("op"), header.get("model")
         packed: Optional[transfer.Packed] = None
         try:
-            if op not in OPS or header.get("mode", "rebuild") != "rebuild":  # "proxy": a later issue
+            if op not in OPS or header.get("mode", "rebuild") != "rebuild":
                 raise _Failure("transfer", ValueError(f"unsupported worker request {op!r} / {header.get('mode')!r}"))
             settings, args, kwargs, rng = self._decode_request(header, body, fds)
             if settings is not None:

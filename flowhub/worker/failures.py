@@ -7,6 +7,12 @@ pickled *by reference* (plain pickle), so the caller can rebuild the very same t
 Caller side (:func:`rebuild`): unpickles that exception when its type is importable in the caller
 (builtins, ``flowhub.errors``, installed libraries) and puts the repo label, the entrypoint and the
 worker's traceback into its message; any other type becomes a ``HubconfError`` that names it.
+
+Proxy mode never unpickles what a worker sent: there the worker sends the JSON description only
+(``describe(..., pickled=False)``, which adds the type's module and qualified name, its plain
+arguments and whether repository code defines it), and :func:`from_description` rebuilds the type
+by name from modules already imported in the caller (nothing is imported for it), else
+``HubconfError``.
 """
 from __future__ import annotations
 
@@ -47,8 +53,10 @@ def _importable_by_name(cls: type) -> bool:
     return obj is cls
 
 
-def describe(exc: BaseException, is_repo_module: Callable[[object], bool]) -> Tuple[dict, bytes]:
-    """Worker side: ``({type, message, traceback}, pickled exception or b"")``."""
+def describe(exc: BaseException, is_repo_module: Callable[[object], bool],
+             pickled: bool = True) -> Tuple[dict, bytes]:
+    """Worker side: ``({type, message, traceback, ...}, pickled exception or b"")`` (``pickled=False``:
+    never a pickle, but the fields :func:`from_description` needs)."""
     cls = type(exc)
     try:
         message = str(exc)
@@ -60,6 +68,12 @@ def describe(exc: BaseException, is_repo_module: Callable[[object], bool]) -> Tu
     info = {"type": f"{cls.__module__}.{cls.__qualname__}", "message": message, "traceback": text}
     blob = b""
     module = sys.modules.get(cls.__module__)
+    if not pickled:
+        args = list(exc.args) if isinstance(exc.args, tuple) else []
+        plain = all(type(a) in (str, int, float, bool, type(None)) for a in args)
+        info.update(module=cls.__module__, qualname=cls.__qualname__, repo=bool(is_repo_module(module)),
+                    args=args if plain and sum(len(str(a)) for a in args) <= _MAX_TRACEBACK else None)
+        return info, blob
     if _importable_by_name(cls) and not is_repo_module(module):
         try:
             blob = pickle.dumps(exc, protocol=5)
@@ -103,6 +117,60 @@ def rebuild(info: dict, blob: bytes, context: str, label: str) -> BaseException:
                 exc = candidate
         except Exception:
             exc = None
+    if exc is not None:
+        full = f"{message}\n\n[{context} raised this in its worker process]\nWorker traceback:\n{tb}"
+        return _with_message(exc, full, label)
+    return HubconfError(f"{context} raised {type_name}: {message}\n\nWorker traceback:\n{tb}")
+
+
+def _text(value: object, limit: int = 1 << 20) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _class_by_name(module_name: str, qualname: str) -> Optional[type]:
+    """An exception class already defined in this process, found without importing or running anything."""
+    module = sys.modules.get(module_name)
+    parts = qualname.split(".")
+    if module is None or not all(p.isidentifier() and not p.startswith("__") for p in parts):
+        return None
+    obj: object = module
+    for part in parts:
+        try:
+            obj = vars(obj).get(part)
+        except TypeError:
+            return None
+    if isinstance(obj, type) and issubclass(obj, Exception):
+        return obj
+    return None
+
+
+def from_description(info: object, context: str, label: str) -> BaseException:
+    """Caller side, proxy mode: the exception to raise for a failure described in JSON alone.
+
+    Its type is rebuilt by name when a module already imported here defines it (builtins,
+    flowhub's errors, oneflow, installed libraries) and repository code does not; it gets the
+    worker's plain arguments (or its message), then the context and traceback like :func:`rebuild`.
+    Anything else becomes a ``HubconfError`` naming the type.
+    """
+    info = info if isinstance(info, dict) else {}
+    type_name = _text(info.get("type"), 1000) or "Exception"
+    message = _text(info.get("message"))
+    tb = _text(info.get("traceback")).rstrip()
+    exc: Optional[BaseException] = None
+    cls = None
+    if info.get("repo") is False:
+        cls = _class_by_name(_text(info.get("module"), 1000), _text(info.get("qualname"), 1000))
+    if cls is not None:
+        args = info.get("args")
+        plain = isinstance(args, list) and all(type(a) in (str, int, float, bool, type(None)) for a in args)
+        for attempt in ((tuple(args),) if plain else ()) + ((message,),):
+            try:
+                candidate = cls(*attempt)
+            except Exception:
+                continue
+            if isinstance(candidate, BaseException):
+                exc = candidate
+                break
     if exc is not None:
         full = f"{message}\n\n[{context} raised this in its worker process]\nWorker traceback:\n{tb}"
         return _with_message(exc, full, label)

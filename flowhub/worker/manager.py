@@ -4,7 +4,9 @@
 :mod:`flowhub.worker.launcher`), asks it to fork one worker per key, sends each call to that key's
 worker, and turns every way a call can end into a value or a flowhub error:
 
-* a result: its tensors are validated and mapped from the sealed memfd, the skeleton unpickled;
+* a result: its tensors are validated and mapped from the sealed memfd, the skeleton unpickled
+  (``mode="proxy"``: the value decoded from JSON, objects kept in the worker as
+  :class:`~flowhub.worker.proxy.Proxy` handles; nothing from the worker is unpickled);
 * an exception from hubconf code: re-raised with its own type when importable here, else
   ``HubconfError`` (see :mod:`flowhub.worker.failures`);
 * the worker died: ``WorkerCrashedError`` with its exit code or signal (the zygote reaps it);
@@ -12,6 +14,7 @@ worker, and turns every way a call can end into a value or a flowhub error:
 
 Workers idle for ``idle_timeout`` seconds are reaped by a background thread, at most
 ``max_workers`` are kept (least recently used goes first), and everything is killed at exit.
+A worker whose objects the caller still holds proxies of is neither reaped nor evicted.
 """
 from __future__ import annotations
 
@@ -23,14 +26,14 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from flowhub.errors import TransferError, WorkerCrashedError, WorkerError, WorkerTimeoutError
 from flowhub.worker import protocol
 from flowhub.worker.launcher import ZygoteHandle
 
 OPS = ("list", "help", "load")
-ISOLATED_MODES = ("rebuild",)  # "proxy" joins here: the worker keeps the object, the caller a handle
+ISOLATED_MODES = ("rebuild", "proxy")
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_MAX_WORKERS = 8
 
@@ -62,6 +65,14 @@ class _Worker:
         self.last_used = time.monotonic()
         self.dead = False
         self.stamp: Optional[tuple] = None
+        self.gen = 0  # +1 per process forked for this worker; a proxy belongs to one generation
+        self.ended: Dict[int, str] = {}  # generation -> how its process ended (for stale proxies)
+        self.conn: Any = None  # proxy.Connection of the current generation, once a proxy-mode call made one
+
+    def pinned(self) -> bool:
+        """The caller holds proxies of objects in this process: do not reap or evict it."""
+        conn = self.conn
+        return conn is not None and conn.gen == self.gen and not self.dead and conn.live()
 
     def looks_alive(self) -> bool:
         """An idle worker never writes: a readable or hung-up socket means it has died."""
@@ -100,6 +111,9 @@ class WorkerManager:
 
         The weight files the call used (URL, size, SHA-256) are appended to ``weights`` if given.
 
+        ``mode="proxy"``: the result stays in the worker; plain values, tensors and proxies come back
+        (see :mod:`flowhub.worker.proxy`).
+
         ``args``/``kwargs``/``settings`` are sent by value (cloudpickle; tensors and numpy buffers
         through a sealed memfd, like results). ``timeout`` (seconds, ``None`` = no limit; default
         ``settings["worker_timeout"]``, or ``$FLOWHUB_WORKER_TIMEOUT`` without settings) bounds the
@@ -108,8 +122,6 @@ class WorkerManager:
         """
         if op not in OPS:
             raise ValueError(f"unknown hub operation {op!r}; expected one of {', '.join(OPS)}")
-        if mode == "proxy":
-            raise NotImplementedError('mode="proxy" is not available yet; use mode="rebuild" or "inprocess"')
         if mode not in ISOLATED_MODES:
             raise ValueError(f"WorkerManager runs isolated modes only ({', '.join(ISOLATED_MODES)}), not {mode!r}")
         if timeout is None and settings is not None:
@@ -131,7 +143,7 @@ class WorkerManager:
         repo_dir = os.path.abspath(repo_dir)
         worker = self._acquire((key, os.path.realpath(repo_dir), bool(mock_torch)), repo_dir, mock_torch, label)
         try:
-            result, used = self._call(worker, op, model, request, timeout, context)
+            result, used = self._call(worker, op, model, request, timeout, context, mode)
             if weights is not None:
                 weights.extend(used)
             return result
@@ -184,6 +196,8 @@ class WorkerManager:
             if w.sock is not None:
                 w.sock.close()
                 w.sock = None
+            if not w.dead:
+                w.ended.setdefault(w.gen, "was shut down (WorkerManager.shutdown)")
             w.dead = True
         with self._zygote.lock:
             self._zygote.close(wait)  # it kills and reaps the workers before exiting
@@ -202,9 +216,12 @@ class WorkerManager:
                 worker.lock.release()
                 continue
             stamp = _hubconf_stamp(repo_dir)
-            if fresh or worker.stamp != stamp or not worker.looks_alive():
+            alive = fresh or worker.looks_alive()
+            if fresh or worker.stamp != stamp or not alive:
                 if not fresh:
-                    self._reap(worker, kill=True)
+                    status = self._reap(worker, kill=True, why="was replaced because its hubconf.py changed")
+                    if not alive:
+                        worker.ended[worker.gen] = f"died ({_describe_status(status)})"
                     worker.dead = False
                 try:
                     self._fork(worker, repo_dir, mock_torch)
@@ -235,9 +252,13 @@ class WorkerManager:
             ours.close()
             raise WorkerCrashedError(f"{worker.label}: the zygote could not fork a worker: {reply.get('error')}")
         worker.pid, worker.sock, worker.dead = int(reply["pid"]), ours, False
+        worker.gen += 1
 
-    def _reap(self, worker: _Worker, kill: bool) -> dict:
-        """Make sure the worker is gone and return how it ended (caller holds ``worker.lock``)."""
+    def _reap(self, worker: _Worker, kill: bool, why: str = "was stopped") -> dict:
+        """Make sure the worker is gone and return how it ended (caller holds ``worker.lock``);
+        ``why`` is what its stale proxies will say happened to it."""
+        if not worker.dead:
+            worker.ended.setdefault(worker.gen, why)
         if worker.sock is not None:
             worker.sock.close()
             worker.sock = None
@@ -258,7 +279,7 @@ class WorkerManager:
                 del self._workers[worker.ikey]
 
     def _retire(self, worker: _Worker) -> None:
-        self._reap(worker, kill=True)
+        self._reap(worker, kill=True, why="was stopped (idle, or over max_workers)")
         self._forget(worker)
 
     def _after_call(self, worker: _Worker) -> None:
@@ -268,7 +289,8 @@ class WorkerManager:
     def _evict_lru(self, keep: _Worker) -> None:
         with self._lock:
             extra = len(self._workers) - self.max_workers
-            candidates = sorted((w for w in self._workers.values() if w is not keep), key=lambda w: w.last_used)
+            candidates = sorted((w for w in self._workers.values() if w is not keep and not w.pinned()),
+                                key=lambda w: w.last_used)
         for w in candidates:
             if extra <= 0:
                 break
@@ -294,10 +316,13 @@ class WorkerManager:
                 if os.getpid() != self._owner:
                     return
                 now = time.monotonic()
-                idle = [w for w in self._workers.values() if now - w.last_used >= self.idle_timeout]
+                free = [w for w in self._workers.values() if not w.pinned()]
+                idle = [w for w in free if now - w.last_used >= self.idle_timeout]
                 if not idle:
-                    if self._workers:
-                        wake_at = min(w.last_used for w in self._workers.values()) + self.idle_timeout
+                    if free:
+                        wake_at = min(w.last_used for w in free) + self.idle_timeout
+                    elif self._workers:  # only workers holding proxied objects: look again later
+                        wake_at = now + self.idle_timeout
                     else:
                         wake_at = self._last_activity + self.idle_timeout
                         if now >= wake_at:
@@ -308,7 +333,7 @@ class WorkerManager:
             for w in idle:
                 if w.lock.acquire(blocking=False):
                     try:
-                        if time.monotonic() - w.last_used >= self.idle_timeout:
+                        if time.monotonic() - w.last_used >= self.idle_timeout and not w.pinned():
                             self._retire(w)
                     finally:
                         w.lock.release()
@@ -320,23 +345,45 @@ class WorkerManager:
 
     # -- one call -------------------------------------------------------------------------------------
     def _call(self, worker: _Worker, op: str, model: Optional[str], request: Any, timeout: Optional[float],
-              context: str) -> Any:
+              context: str, mode: str = "rebuild") -> Any:
         from flowhub.worker import transfer
 
         packed = transfer.pack(request.arrays, name="flowhub-args")
         table = [dict(entry, **meta) for entry, meta in zip(packed.table, request.meta)]
-        header = {"op": op, "model": model, "mode": "rebuild", "size": packed.size, "table": table}
+        header = {"op": op, "model": model, "mode": mode, "size": packed.size, "table": table}
+        conn = None
+        if mode == "proxy":
+            conn = self._connection(worker, timeout)
+            releases = conn.take_releases()
+            if releases:
+                header["release"] = releases
+        try:
+            reply, body, fds = self._exchange(worker, header, request.blob, packed, timeout, context)
+        finally:
+            packed.close()
+        if conn is None:
+            if not reply.get("ok"):
+                protocol.close_fds(fds)
+                if reply.get("fatal"):
+                    self._reap(worker, kill=True)  # the hubconf failed to import: start afresh next time
+                return self._raise_remote(reply, body, context, worker.label)
+            return _decode_result(reply, body, fds, context)
+        del body  # proxy mode: never looked at, let alone unpickled
+        result = self._proxy_reply(worker, conn, reply, fds, context)
+        return result, _checked_weights(reply.get("weights"), context)
+
+    def _exchange(self, worker: _Worker, header: dict, body: bytes, packed: Any, timeout: Optional[float],
+                  context: str) -> protocol.Message:
+        """Send one request and wait for its reply; a timeout or a dead worker becomes a flowhub error
+        (and the worker is reaped). The caller holds ``worker.lock`` and closes ``packed``."""
         deadline = time.monotonic() + timeout if timeout else None
         assert worker.sock is not None
         try:
-            try:
-                protocol.send_message(worker.sock, header, request.blob, [packed.fd] if packed.fd is not None else [])
-            finally:
-                packed.close()
-            reply, body, fds = protocol.recv_message(worker.sock, deadline)
+            protocol.send_message(worker.sock, header, body, [packed.fd] if packed.fd is not None else [])
+            return protocol.recv_message(worker.sock, deadline)
         except TimeoutError:
             pid = worker.pid
-            self._reap(worker, kill=True)
+            self._reap(worker, kill=True, why=f"was killed after a call took longer than {timeout:g} s")
             raise WorkerTimeoutError(f"{context} did not finish within {timeout:g} s, so its worker process "
                                      f"(pid {pid}) was killed (worker_timeout / FLOWHUB_WORKER_TIMEOUT)") from None
         except (protocol.PeerClosed, protocol.ProtocolError, OSError) as exc:
@@ -344,17 +391,12 @@ class WorkerManager:
             status = self._reap(worker, kill=True)
             how = _describe_status(status) if isinstance(exc, (protocol.PeerClosed, BrokenPipeError,
                                                                   ConnectionError)) else f"{type(exc).__name__}: {exc}"
+            worker.ended[worker.gen] = f"died ({how})"
             raise WorkerCrashedError(f"{context}: the worker process (pid {pid}) died: {how}. "
                                      f"The next call starts a fresh worker.") from None
         except BaseException:  # KeyboardInterrupt and the like: the worker's state is unknown
-            self._reap(worker, kill=True)
+            self._reap(worker, kill=True, why="was killed when a call to it was interrupted")
             raise
-        if not reply.get("ok"):
-            protocol.close_fds(fds)
-            if reply.get("fatal"):
-                self._reap(worker, kill=True)  # the hubconf failed to import: start afresh next time
-            return self._raise_remote(reply, body, context, worker.label)
-        return _decode_result(reply, body, fds, context)
 
     @staticmethod
     def _raise_remote(reply: dict, body: bytes, context: str, label: str) -> Any:
@@ -364,6 +406,80 @@ class WorkerManager:
         if reply.get("kind") == "transfer":
             raise TransferError(f"{context}: {info.get('message', 'transfer failed')}")
         raise failures.rebuild(info, body, context, label)
+
+    # -- proxy mode -----------------------------------------------------------------------------------
+    def _connection(self, worker: _Worker, timeout: Optional[float]) -> Any:
+        """The proxy connection of the worker's current process (made on first use)."""
+        from flowhub.worker.proxy import Connection
+
+        if worker.conn is None or worker.conn.gen != worker.gen:
+            worker.conn = Connection(self, worker, timeout)
+        worker.conn.timeout = timeout
+        return worker.conn
+
+    def _proxy_request(self, conn: Any, header: dict, arrays: Sequence[Any], context: str) -> Any:
+        """One request from a proxy (see :mod:`flowhub.worker.objects`), with its arguments' arrays."""
+        from flowhub.worker import transfer
+
+        worker = conn.worker
+        packed = transfer.pack(arrays, name="flowhub-args")
+        header.update(mode="proxy", size=packed.size, table=packed.table)
+        try:
+            with worker.lock:
+                conn.check(context)
+                releases = conn.take_releases()
+                if releases:
+                    header["release"] = releases
+                try:
+                    reply, _, fds = self._exchange(worker, header, b"", packed, conn.timeout, context)
+                finally:
+                    worker.last_used = self._last_activity = time.monotonic()
+                    self._after_call(worker)
+                return self._proxy_reply(worker, conn, reply, fds, context)
+        finally:
+            packed.close()
+
+    def _proxy_reply(self, worker: _Worker, conn: Any, reply: dict, fds: List[int], context: str) -> Any:
+        """Decode a proxy-mode reply (JSON and validated tensors only) or raise the error it reports."""
+        if reply.get("ok") is not True:
+            from flowhub.worker import failures
+
+            protocol.close_fds(fds)
+            info = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+            if reply.get("fatal"):
+                self._reap(worker, kill=True, why="was stopped after an error outside hubconf code")
+                self._after_call(worker)
+            if reply.get("kind") == "transfer":
+                message = info.get("message") if isinstance(info.get("message"), str) else "transfer failed"
+                raise TransferError(f"{context}: {message[:1 << 16]}")
+            raise failures.from_description(info, context, worker.label)
+        if reply.get("stop") is True:
+            protocol.close_fds(fds)
+            raise StopIteration
+        return conn.decode(reply, fds, context)
+
+    def _flush_releases(self, conn: Any) -> None:
+        """Send a connection's queued releases now if its worker is idle; never waits (finalizers call this)."""
+        worker = conn.worker
+        if os.getpid() != conn.owner:
+            conn.pending.clear()
+            return
+        if not worker.lock.acquire(blocking=False):
+            return  # a call is in progress (maybe in this very thread): the releases ride on the next one
+        try:
+            if worker.dead or worker.gen != conn.gen or worker.sock is None:
+                conn.pending.clear()
+                return
+            items = conn.take_releases()
+            if items and not protocol.send_nowait(worker.sock, {"mode": "proxy", "op": "release", "release": items}):
+                conn.pending.extend(items)
+        except Exception:  # the stream may be broken mid-message: make the next call find the worker dead
+            try:
+                worker.sock.shutdown(socket.SHUT_RDWR)
+            except Exception:
+                pass
+        finally:
+            worker.lock.release()
 
 
 def _decode_result(reply: dict, body: bytes, fds: List[int], context: str) -> Any:
@@ -388,6 +504,18 @@ def _decode_result(reply: dict, body: bytes, fds: List[int], context: str) -> An
     if rng:
         rebuild.set_rng_state(rng)
     return result, weights
+
+
+def _checked_weights(weights: Any, context: str) -> List[dict]:
+    """The weight files a proxy-mode load reports, checked to be plain JSON records."""
+    if weights is None:
+        return []
+    ok = isinstance(weights, list) and all(
+        isinstance(w, dict) and all(isinstance(k, str) and (v is None or type(v) in (str, int, float, bool))
+                                    for k, v in w.items()) for w in weights)
+    if not ok:
+        raise TransferError(f"{context}: the worker reported malformed weight records")
+    return weights
 
 
 def _worker_sys_path() -> List[str]:

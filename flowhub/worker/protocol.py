@@ -63,6 +63,22 @@ def send_message(sock: socket.socket, header: dict, body: bytes = b"", fds: Sequ
         sock.sendall(body)
 
 
+def send_nowait(sock: socket.socket, header: dict) -> bool:
+    """Send one small body-less message only if the socket takes it at once (``False``: nothing was
+    sent). Used where blocking is not allowed (a finalizer releasing proxies); a peer that takes only
+    part of it gets a second ahead of :class:`OSError` ``TimeoutError``, after which the stream is broken."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    data = _PREFIX.pack(len(head), 0) + head
+    try:
+        sent = sock.send(data, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    if sent < len(data):
+        sock.settimeout(1.0)
+        sock.sendall(data[sent:])
+    return True
+
+
 def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -101,8 +117,8 @@ def recv_message(sock: socket.socket, deadline: Optional[float] = None) -> Messa
         body = bytes(_recv_exact(sock, body_len, deadline)) if body_len else b""
         try:
             header = json.loads(head)
-        except ValueError as exc:
-            raise ProtocolError(f"bad message header: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"bad message header: {type(exc).__name__}: {exc}") from None
         if not isinstance(header, dict):
             raise ProtocolError("message header is not a JSON object")
         return header, body, fds
