@@ -110,11 +110,13 @@ def guess_inputs(model: Any) -> Optional[Tuple[Any, ...]]:
     import oneflow as flow
     import oneflow.nn as nn
 
+    from flowhub.worker.proxy import remote_isinstance  # isinstance that also sees through proxies
+
     for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(module)]
-            return (flow.randn(2, module.in_channels, *([32] * spatial)),)
-        if isinstance(module, nn.Linear):
+        for cls, spatial in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
+            if remote_isinstance(module, cls):
+                return (flow.randn(2, module.in_channels, *([32] * spatial)),)
+        if remote_isinstance(module, nn.Linear):
             return (flow.randn(2, module.in_features),)
     return None
 
@@ -124,7 +126,9 @@ def compare_models(model_a: Any, model_b: Any, result: Comparison, inputs: Optio
     import oneflow as flow
     import oneflow.nn as nn
 
-    if not (isinstance(model_a, nn.Module) and isinstance(model_b, nn.Module)):
+    from flowhub.worker.proxy import remote_isinstance  # mode="proxy": the models stay in their workers
+
+    if not (remote_isinstance(model_a, nn.Module) and remote_isinstance(model_b, nn.Module)):
         same = repr(model_a) == repr(model_b)
         result.output_note = "" if same else f"values differ: {repr(model_a)[:200]} vs {repr(model_b)[:200]}"
         return result

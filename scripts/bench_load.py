@@ -12,7 +12,11 @@ Every ratio is against a baseline measured in the same run, on the same machine:
    array (fresh pages, as any copy into another process needs; memcpy into warm pages is printed
    too), with the
    caller's peak extra memory (``VmHWM`` after ``echo 5 > /proc/self/clear_refs``) vs the payload
-   (targets: >= 0.2 of the copy's speed, <= 1.1x the payload).
+   (targets: >= 0.2 of the copy's speed, <= 1.1x the payload);
+4. proxy mode (``Hub(mode="proxy")``), one process, warm worker: a call of the small CNN through its
+   proxy vs the same model loaded in-process (target <= +1 ms), an attribute read (target <= 0.2 ms),
+   and a large tensor (64x3x224x224 float32, 38.5 MB) in and out through a proxy, against the same
+   call in-process and a numpy copy of the same bytes into new arrays.
 
 Usage: ``python scripts/bench_load.py [--quick]`` (``--quick``: fewer runs, 1/4 of the bytes).
 """
@@ -61,6 +65,16 @@ def _resnet50_shapes():
                 shapes += [(width * 4, cin, 1, 1)] + bn(width * 4)
             cin = width * 4
     return shapes + [(1000, 2048), (1000,)]
+
+
+class Scale(flow.nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def scale():
+    """Doubles its input (the proxy benchmark's large-tensor model)."""
+    return Scale()
 
 
 def clear():
@@ -274,19 +288,103 @@ def bench_transfer(repo: str, runs: int, scale: float) -> None:
               f"(target <= 1.1x) {'OK' if peak <= 1.1 else 'MISSED'}")
 
 
+# -- 4. proxy mode --------------------------------------------------------------------------------
+def _per_call_ms(fn, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def bench_proxy(repo: str, runs: int, large_runs: int) -> None:
+    import numpy as np
+    import oneflow as flow
+    import oneflow.hub
+
+    import flowhub
+
+    hub = flowhub.Hub(mode="proxy")
+    p = hub.load(repo, "small_cnn", source="local", pretrained=True)
+    m = oneflow.hub.load(repo, "small_cnn", source="local", pretrained=True)
+    x = flow.ones(1, 3, 32, 32)
+    same = bool(flow.equal(p(x), m(x)))
+    proxied, bare, inproc, attr = [], [], [], []
+    for _ in range(runs):  # interleaved batches, so load from elsewhere hits both sides alike
+        proxied.append(_per_call_ms(lambda: p(x).numpy(), 20))
+        bare.append(_per_call_ms(lambda: p(x), 20))
+        inproc.append(_per_call_ms(lambda: m(x).numpy(), 20))
+        attr.append(_per_call_ms(lambda: p.training, 50))
+    extra = statistics.median(proxied) - statistics.median(inproc)
+    print(f"[4] proxy mode, one process, warm worker ({runs} batches, median [min-max] ms per call)")
+    print(f"    small CNN, x = 1x3x32x32, in-process : {fmt(inproc)}")
+    print(f"    small CNN through its proxy         : {fmt(proxied)}  (output equal: {same})")
+    print(f"      (without .numpy(): {fmt(bare)}; the result is complete either way, but .numpy() waits for "
+          f"this process's oneflow VM, idle during the call)")
+    print(f"    extra {extra:+.3f} ms (target <= +1 ms) {'OK' if extra <= 1 else 'MISSED'}")
+    print(f"    attribute round trip (p.training)   : {fmt(attr)}  (target <= 0.2 ms) "
+          f"{'OK' if statistics.median(attr) <= 0.2 else 'MISSED'}")
+
+    s = hub.load(repo, "scale", source="local")
+    local = lambda t: t * 2  # noqa: E731  the same op as the repository's Scale module, in-process
+    big = flow.randn(64, 3, 224, 224)
+    payload = 2 * big.numel() * 4  # in + out
+    src = big.numpy()
+    t_proxy, t_local, t_copy = [], [], []
+    for _ in range(large_runs):
+        start = time.perf_counter()
+        out = s(big)
+        _touch([out.numpy()])
+        t_proxy.append(time.perf_counter() - start)
+        del out
+        _settle()
+        start = time.perf_counter()
+        out = local(big).numpy()
+        _touch([out])
+        t_local.append(time.perf_counter() - start)
+        del out
+        _settle()
+        start = time.perf_counter()
+        for _ in range(2):  # in + out: two copies into new arrays
+            dst = np.empty_like(src)
+            np.copyto(dst, src)
+            _touch([dst])
+            del dst
+        t_copy.append(time.perf_counter() - start)
+        _settle()
+    gbs = payload / 1e9
+    med = statistics.median
+    print(f"    large tensor 64x3x224x224 in + out ({gbs:.3f} GB moved, {large_runs} runs, median [min-max] s)")
+    print(f"      in-process call            : {fmt(t_local)} s")
+    print(f"      numpy copy, 2 new arrays   : {fmt(t_copy)} s  ({gbs / med(t_copy):.2f} GB/s)")
+    print(f"      through the proxy          : {fmt(t_proxy)} s  ({gbs / med(t_proxy):.2f} GB/s, "
+          f"{med(t_copy) / med(t_proxy):.2f} of the numpy copy's speed)")
+    del p, s
+    for name in [n for n in sys.modules if n.split(".")[0] == "netpkg"]:
+        del sys.modules[name]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs and 1/4 of the bytes")
+    parser.add_argument("--only", choices=("1", "2", "3", "4"), action="append",
+                        help="run only these sections (repeatable)")
     opts = parser.parse_args()
     runs_process, runs_warm, runs_xfer, scale = (3, 15, 3, 0.25) if opts.quick else (7, 40, 5, 1.0)
+    runs_proxy, runs_large = (15, 3) if opts.quick else (40, 7)
+    only = set(opts.only or "1234")
     with tempfile.TemporaryDirectory(prefix="flowhub-bench-") as root:
         env = dict(os.environ, ONEFLOW_HOME=os.path.join(root, "home"))
         os.environ["ONEFLOW_HOME"] = env["ONEFLOW_HOME"]
         repo = make_repo(root)
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, repo {repo}")
-        bench_process(repo, runs_process, env)
-        bench_warm(repo, runs_warm)
-        bench_transfer(repo, runs_xfer, scale)
+        if "1" in only:
+            bench_process(repo, runs_process, env)
+        if "2" in only:
+            bench_warm(repo, runs_warm)
+        if "3" in only:
+            bench_transfer(repo, runs_xfer, scale)
+        if "4" in only:
+            bench_proxy(repo, runs_proxy, runs_large)
         from flowhub.worker import get_manager
 
         get_manager().shutdown()

@@ -11,6 +11,15 @@ another message, so they always arrive with the prefix. Received descriptors are
 Both ends use the same two functions. Deadlines are absolute ``time.monotonic()`` values (``None``
 waits for ever); a deadline that passes raises :class:`TimeoutError`, a closed peer raises
 :class:`PeerClosed`.
+
+A request from the caller is answered by exactly one reply, but while a call runs a worker may first
+make requests of its own, which the caller answers before it goes on waiting (a sandboxed worker has
+no network, so the caller downloads weights for it)::
+
+    worker -> caller   {"request": "fetch", "kind": "weights"|"file", "url", ...}
+    caller -> worker   {"reply": "fetch", "ok": true, "path", "fingerprint"} | {"reply": "fetch", "ok": false, "error"}
+
+:func:`is_request` tells such a request from the call's reply.
 """
 from __future__ import annotations
 
@@ -65,8 +74,8 @@ def send_message(sock: socket.socket, header: dict, body: bytes = b"", fds: Sequ
 
 def send_nowait(sock: socket.socket, header: dict) -> bool:
     """Send one small body-less message only if the socket takes it at once (``False``: nothing was
-    sent). Used where blocking is not allowed (a finalizer releasing proxies); a peer that takes only
-    part of it gets a second ahead of :class:`OSError` ``TimeoutError``, after which the stream is broken."""
+    sent). For code that must not block (a finalizer releasing proxies). If the socket takes only part
+    of it, the rest gets one second; after a :class:`TimeoutError` then, the stream is broken."""
     head = json.dumps(header, separators=(",", ":")).encode()
     data = _PREFIX.pack(len(head), 0) + head
     try:
@@ -125,6 +134,11 @@ def recv_message(sock: socket.socket, deadline: Optional[float] = None) -> Messa
     except BaseException:
         close_fds(fds)
         raise
+
+
+def is_request(header: dict) -> bool:
+    """True for a request a worker makes of the caller during a call (rather than the call's reply)."""
+    return "request" in header
 
 
 def close_fds(fds: Sequence[int]) -> None:

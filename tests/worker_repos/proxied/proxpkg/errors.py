@@ -1,0 +1,2 @@
+class RepoError(Exception):
+    """An exception class that exists only inside this repository."""
