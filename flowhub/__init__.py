@@ -17,6 +17,7 @@ from flowhub.api import (  # noqa: E402
     list,
     load,
     load_state_dict_from_url,
+    load_weights,
     set_dir,
 )
 from flowhub.checkpoints import HASH_REGEX  # noqa: E402
@@ -38,6 +39,7 @@ from flowhub.errors import (  # noqa: E402
     ResolveError,
     TransferError,
     UntrustedRepositoryError,
+    WeightsOnlyError,
     WorkerCrashedError,
     WorkerError,
     WorkerTimeoutError,
@@ -51,5 +53,5 @@ __all__ = [
     "ENV_XDG_CACHE_HOME", "FlowhubError", "RepoSpecError", "EntrypointError", "MissingDependenciesError",
     "ResolveError", "RateLimitError", "NetworkError", "RequestTimeoutError", "OfflineError", "IntegrityError",
     "IncompleteDownloadError", "HashMismatchError", "ArchiveError", "UntrustedRepositoryError", "WorkerError",
-    "WorkerCrashedError", "WorkerTimeoutError", "HubconfError", "TransferError",
+    "WorkerCrashedError", "WorkerTimeoutError", "HubconfError", "TransferError", "load_weights", "WeightsOnlyError",
 ]

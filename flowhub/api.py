@@ -153,10 +153,17 @@ def download_url_to_file(url: str, dst: str, hash_prefix: Optional[str] = None, 
 
 def load_state_dict_from_url(url: str, model_dir: Optional[str] = None, map_location: Any = None,
                              progress: bool = True, check_hash: bool = False,
-                             file_name: Optional[str] = None) -> Dict[str, Any]:
-    """Load the OneFlow serialized object at ``url`` (downloaded once into ``<hub_dir>/checkpoints``)."""
+                             file_name: Optional[str] = None, weights_only: bool = False) -> Dict[str, Any]:
+    """Load the OneFlow serialized object at ``url`` (downloaded once into ``<hub_dir>/checkpoints``);
+    ``weights_only=True`` unpickles it in a sandboxed worker and returns only tensors and plain values."""
     return current_hub().load_state_dict_from_url(url, model_dir=model_dir, map_location=map_location,
-                                                  progress=progress, check_hash=check_hash, file_name=file_name)
+                                                  progress=progress, check_hash=check_hash, file_name=file_name,
+                                                  weights_only=weights_only)
+
+
+def load_weights(path: PathLike, map_location: Any = None, weights_only: bool = True) -> Any:
+    """Load a local checkpoint; by default weights-only, in a sandboxed worker (see :meth:`Hub.load_weights`)."""
+    return current_hub().load_weights(path, map_location=map_location, weights_only=weights_only)
 
 
 def _deprecated_env_warnings() -> None:

@@ -193,6 +193,42 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor_info(hub_dir: Optional[str] = None) -> Dict[str, Any]:
+    """What ``flowhub doctor`` reports: versions, the hub folder, and the sandbox this machine gives
+    a worker, measured by :func:`flowhub.sandbox.probe` in a throwaway child process."""
+    import platform
+
+    import flowhub
+    from flowhub import sandbox
+    from flowhub.provenance import oneflow_version
+    from flowhub.worker.sandbox_host import Limits
+
+    hub = Hub(hub_dir=hub_dir)
+    settings = hub.settings()
+    report = sandbox.probe()
+    try:
+        limits: Any = dict(vars(Limits.from_env()))
+    except ValueError as exc:
+        limits = f"invalid: {exc}"
+    return {"flowhub": flowhub.__version__, "python": platform.python_version(), "executable": sys.executable,
+            "oneflow": oneflow_version(), "platform": platform.platform(), "uid": os.getuid(),
+            "hub_dir": settings.hub_dir, "mode": settings.mode, "sandbox_enabled": settings.sandbox,
+            "sandbox_limits": limits, "sandbox": report.as_dict(), "report": sandbox.format_report(report)}
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    info = doctor_info(args.hub_dir)
+    if args.json:
+        info.pop("report")
+        print(json.dumps(info, indent=1))
+        return 0
+    for key in ("flowhub", "python", "executable", "oneflow", "platform", "uid", "hub_dir", "mode",
+                "sandbox_enabled", "sandbox_limits"):
+        print(f"{key + ':':<17} {info[key]}")
+    print(info["report"])
+    return 0
+
+
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -351,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupt", action="store_true", help="prune: entries that fail verification")
     p.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("doctor", help="show versions, the hub folder and how strong the worker sandbox is here",
+                       description="Print Python, oneflow and flowhub versions, the hub folder, and the sandbox "
+                       "a worker gets on this machine (each mechanism, what it protects, and a few denied actions "
+                       "tried in a throwaway child process).")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("trust", help="show or change the trusted repositories")
     p.add_argument("action", choices=("ls", "add", "rm"))

@@ -5,6 +5,8 @@ catches ``RuntimeError`` or ``ValueError`` around a hub call keeps working.
 """
 from __future__ import annotations
 
+import pickle
+
 
 class FlowhubError(Exception):
     """Base class of every error flowhub raises itself."""
@@ -43,6 +45,9 @@ class HTTPStatusError(NetworkError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+    def __reduce__(self) -> tuple:  # keeps ``status`` across processes (a worker's download error)
+        return type(self), (self.args[0] if self.args else "", self.status)
 
 
 class RequestTimeoutError(NetworkError):
@@ -95,3 +100,9 @@ class HubconfError(WorkerError):
 
 class TransferError(WorkerError):
     """The entrypoint's result cannot be sent back to the caller by value; ``mode="proxy"`` keeps it in the worker."""
+
+
+# -- weights-only loading -----------------------------------------------------------------------
+class WeightsOnlyError(FlowhubError, pickle.UnpicklingError):
+    """A checkpoint loaded with ``weights_only=True`` holds more than tensors and plain values, or
+    could not be loaded in its sandboxed worker (``pickle.UnpicklingError``, as torch raises)."""

@@ -38,7 +38,9 @@ class Hub:
         lock_timeout: seconds to wait for another process's download before going on (``FLOWHUB_LOCK_TIMEOUT``).
         mode: ``"inprocess"``, ``"rebuild"`` or ``"proxy"`` (``FLOWHUB_MODE``).
         worker_timeout: seconds one call into a worker may take (``FLOWHUB_WORKER_TIMEOUT``).
-        sandbox: run workers sandboxed (``FLOWHUB_SANDBOX``).
+        sandbox: run hubconfs in sandboxed workers (``FLOWHUB_SANDBOX``): no network (the caller downloads
+            their weights), no token, read-only repo and cache, writes only to a scratch folder, memory and
+            process limits. ``list``, ``help`` and ``mode="proxy"`` then need no trust confirmation.
         mock_torch: run torch-style hubconfs on OneFlow through ``oneflow.mock_torch`` (isolated modes).
         lockfile: path of a ``flowhub.lock``: the first load of each repo spec records its commit SHA and
             weight hashes there; later loads use exactly those and fail on any drift.
@@ -82,13 +84,15 @@ class Hub:
     def list(self, github: str, force_reload: bool = False, skip_validation: bool = False,
              trust_repo: TrustArg = None, verbose: bool = True) -> List[str]:
         """All public callable entrypoints in the repo's ``hubconf.py``."""
-        checkout = self._checkout(github, force_reload, skip_validation, trust_repo, "list", verbose)
+        checkout = self._checkout(github, force_reload, skip_validation, trust_repo, "list", verbose,
+                                  self._untrusted_ok("list"))
         return self._run(checkout.path, self._worker_key(checkout), str(checkout.spec), "list")
 
     def help(self, github: str, model: str, force_reload: bool = False, skip_validation: bool = False,
              trust_repo: TrustArg = None) -> Optional[str]:
         """The docstring of entrypoint ``model``."""
-        checkout = self._checkout(github, force_reload, skip_validation, trust_repo, "help", True)
+        checkout = self._checkout(github, force_reload, skip_validation, trust_repo, "help", True,
+                                  self._untrusted_ok("help"))
         return self._run(checkout.path, self._worker_key(checkout), str(checkout.spec), "help", model)
 
     def load(self, repo_or_dir: str, model: str, *args: Any, source: str = "github", trust_repo: TrustArg = None,
@@ -99,7 +103,8 @@ class Hub:
             raise RepoSpecError(f'Unknown source: "{source}". Allowed values: "github" | "local".')
         weights: List[Dict[str, Any]] = []
         if source == "github":
-            checkout = self._checkout(repo_or_dir, force_reload, skip_validation, trust_repo, "load", verbose)
+            checkout = self._checkout(repo_or_dir, force_reload, skip_validation, trust_repo, "load", verbose,
+                                      self._untrusted_ok("load"))
             result = self._run(checkout.path, self._worker_key(checkout), str(checkout.spec), "load", model, args,
                                kwargs, refresh_weights=force_reload, weights=weights)
             requested = parse_repo_spec(repo_or_dir)
@@ -154,11 +159,19 @@ class Hub:
         return compare_models(obj_a, obj_b, result, inputs)
 
     def _checkout(self, github: str, force_reload: bool, skip_validation: bool, trust_repo: TrustArg,
-                  calling_fn: str, verbose: bool) -> repos.Checkout:
+                  calling_fn: str, verbose: bool, untrusted_ok: bool = False) -> repos.Checkout:
         spec = parse_repo_spec(github)
         pinned = self.lockfile.pinned_sha(spec) if self.lockfile is not None else None
         return repos.get_checkout(self._client(), spec, force_reload=force_reload, skip_validation=skip_validation,
-                                  trust_repo=trust_repo, calling_fn=calling_fn, verbose=verbose, pinned_sha=pinned)
+                                  trust_repo=trust_repo, calling_fn=calling_fn, verbose=verbose, pinned_sha=pinned,
+                                  untrusted_ok=untrusted_ok)
+
+    def _untrusted_ok(self, op: str) -> bool:
+        """With a sandbox, untrusted code may run without a trust confirmation wherever nothing it
+        returns is unpickled here: list, help and proxy mode. Rebuild mode re-creates the repo's
+        objects (its code) in this process, so there the reference's trust rules stay."""
+        settings = self.settings()
+        return settings.sandbox and (op != "load" or settings.mode == "proxy")
 
     def _worker_key(self, checkout: repos.Checkout) -> str:
         spec = checkout.spec
@@ -172,6 +185,10 @@ class Hub:
 
         settings = self.settings()
         expected = self.lockfile.expected_weights() if self.lockfile is not None else None
+        if settings.sandbox and settings.mode == "inprocess":
+            raise ValueError('sandbox=True (FLOWHUB_SANDBOX) needs a worker: use mode="proxy" or "rebuild", '
+                             'not "inprocess"')
+        mode = "proxy" if settings.sandbox and op != "load" else settings.mode  # JSON-only replies
         if settings.mode == "inprocess":
             with api.serving(self, refresh_weights, expected) as used:
                 try:
@@ -182,7 +199,7 @@ class Hub:
         from flowhub.worker import get_manager
 
         return get_manager().call(repo_dir=repo_dir, key=f"{key}|mock_torch={self.mock_torch}", op=op, model=model,
-                                  args=tuple(args), kwargs=dict(kwargs or {}), mode=settings.mode,
+                                  args=tuple(args), kwargs=dict(kwargs or {}), mode=mode, sandbox=settings.sandbox,
                                   settings=dict(settings.as_dict(), refresh_weights=refresh_weights,
                                                 expected_weights=expected),
                                   timeout=settings.worker_timeout, label=label, mock_torch=self.mock_torch,
@@ -193,20 +210,55 @@ class Hub:
                              progress: bool = True) -> None:
         """Download ``url`` to ``dst`` (atomically, resumably, verified against ``hash_prefix`` if given)."""
         from flowhub import api
+        from flowhub.worker import sandbox_child
 
+        if sandbox_child.channel() is not None:  # in a sandboxed worker: the caller downloads it
+            api.note_weights(sandbox_child.download_file(url, os.fspath(dst), hash_prefix, progress))
+            return
         result = download(self._client(), url, os.fspath(dst), hash_prefix=hash_prefix, progress=progress)
         api.note_weights({"url": url, "file": os.path.basename(result.path), "size": result.size,
                           "sha256": result.sha256})
 
     def load_state_dict_from_url(self, url: str, model_dir: Optional[PathLike] = None, map_location: Any = None,
                                  progress: bool = True, check_hash: bool = False,
-                                 file_name: Optional[str] = None) -> Any:
-        """Download (once) and ``oneflow.load`` the checkpoint at ``url``; zipped checkpoint folders are extracted once."""
-        client = self._client()
-        folder = os.fspath(model_dir) if model_dir is not None else os.path.join(client.settings.hub_dir, "checkpoints")
-        from flowhub import api
+                                 file_name: Optional[str] = None, weights_only: bool = False) -> Any:
+        """Download (once) and ``oneflow.load`` the checkpoint at ``url``; zipped checkpoint folders are extracted once.
 
-        cached = checkpoints.fetch_weights(client, url, folder, progress=progress, check_hash=check_hash,
-                                           file_name=file_name, refresh=api.claim_refresh)
-        api.note_weights(checkpoints.fingerprint(folder, os.path.basename(cached), url))
-        return checkpoints.load_checkpoint(cached, map_location, client.settings.lock_timeout)
+        ``weights_only=True``: unpickle it in a sandboxed worker and return only its tensors and plain
+        values (see :meth:`load_weights`).
+        """
+        from flowhub import api
+        from flowhub.worker import sandbox_child
+
+        lock_timeout = self.settings().lock_timeout
+        if sandbox_child.channel() is not None:  # in a sandboxed worker: the caller downloads it
+            cached, fingerprint = sandbox_child.fetch_weights(url, None if model_dir is None else os.fspath(model_dir),
+                                                              progress, check_hash, file_name)
+            api.note_weights(fingerprint)
+        else:
+            client = self._client()
+            folder = os.fspath(model_dir) if model_dir is not None else os.path.join(client.settings.hub_dir,
+                                                                                     "checkpoints")
+            cached = checkpoints.fetch_weights(client, url, folder, progress=progress, check_hash=check_hash,
+                                               file_name=file_name, refresh=api.claim_refresh)
+            api.note_weights(checkpoints.fingerprint(folder, os.path.basename(cached), url))
+        if weights_only:
+            return self.load_weights(cached, map_location)
+        return checkpoints.load_checkpoint(cached, map_location, lock_timeout)
+
+    def load_weights(self, path: PathLike, map_location: Any = None, weights_only: bool = True) -> Any:
+        """Load a local checkpoint (a oneflow checkpoint folder, a file, or a zip of a folder).
+
+        ``weights_only=True`` (the default): the checkpoint's pickle, which can run any code, is
+        unpickled in a one-shot sandboxed worker that may read only the checkpoint; only tensors and
+        plain values (numbers, strings, None, bytes, devices, dtypes, and lists, tuples and dicts of
+        them) come back, as JSON plus raw bytes validated here and mapped without a copy. Anything else
+        raises :class:`~flowhub.errors.WeightsOnlyError`. ``weights_only=False`` is ``oneflow.load``
+        in this process (for checkpoints you trust). ``worker_timeout`` bounds the sandboxed load.
+        """
+        settings = self.settings()
+        if not weights_only:
+            return checkpoints.load_checkpoint(os.fspath(path), map_location, settings.lock_timeout)
+        from flowhub.worker import weights
+
+        return weights.load(path, map_location, lock_timeout=settings.lock_timeout, timeout=settings.worker_timeout)

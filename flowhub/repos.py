@@ -118,11 +118,12 @@ def _folder_sha(hub_dir: str, path: str) -> Optional[str]:
 
 def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = False, skip_validation: bool = False,
                  trust_repo: trust.TrustArg = None, calling_fn: str = "load", verbose: bool = True,
-                 pinned_sha: Optional[str] = None) -> Checkout:
+                 pinned_sha: Optional[str] = None, untrusted_ok: bool = False) -> Checkout:
     """Return the cached checkout of ``spec``, downloading and publishing it first if needed.
 
     With ``pinned_sha`` (from a lockfile) the result is exactly that commit: the ref's folder if it
     holds that commit, else a folder named after the SHA, fetched by SHA without the ref check.
+    ``untrusted_ok``: see :func:`flowhub.trust.check_trust` (a sandboxed call).
     """
     hub_dir = client.settings.hub_dir
     os.makedirs(hub_dir, exist_ok=True)
@@ -130,7 +131,7 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
         ref = RefIndex(hub_dir, spec).default_branch()  # no request needed: the SHA is known
     else:
         ref = spec.ref or resolve_default_branch(client, hub_dir, spec, force_reload)
-    trust.check_trust(hub_dir, spec, ref or pinned_sha, trust_repo, calling_fn)
+    trust.check_trust(hub_dir, spec, ref or pinned_sha, trust_repo, calling_fn, untrusted_ok=untrusted_ok)
     if pinned_sha:
         existing = store.find_case_insensitive(hub_dir, spec.dir_name(ref)) if ref else None
         if existing and not force_reload and _is_complete(hub_dir, existing) \

@@ -58,11 +58,18 @@ def remove_trusted(hub_dir: str, spec: RepoSpec, lock_timeout: float = 60.0) -> 
         os.replace(tmp, path)
 
 
+def _sandbox_only_marker(hub_dir: str, spec: RepoSpec) -> str:
+    return os.path.join(hub_dir, store.META_DIR, "sandbox-only", spec.trust_name.lower())
+
+
 def is_trusted(hub_dir: str, spec: RepoSpec, ref: str) -> bool:
-    """Trusted by owner, by ``trusted_list``, or because a folder for it was downloaded before (legacy rule)."""
+    """Trusted by owner, by ``trusted_list``, or because a folder for it was downloaded before (legacy
+    rule), unless that download was for sandboxed use without trust (see :func:`check_trust`)."""
     listed = read_trusted(hub_dir)
     if spec.owner.lower() in TRUSTED_OWNERS or spec.trust_name.lower() in listed:
         return True
+    if os.path.exists(_sandbox_only_marker(hub_dir, spec)):
+        return False
     return store.find_case_insensitive(hub_dir, spec.dir_name(ref)) is not None
 
 
@@ -76,10 +83,20 @@ def _prompt(question: str, spec: RepoSpec) -> str:
 
 
 def check_trust(hub_dir: str, spec: RepoSpec, ref: str, trust_repo: TrustArg, calling_fn: str,
-                prompt: Optional[Callable[[str, RepoSpec], str]] = None) -> None:
-    """Apply ``trust_repo`` (None, False, True or ``"check"``) before anything is downloaded or run."""
+                prompt: Optional[Callable[[str, RepoSpec], str]] = None, untrusted_ok: bool = False) -> None:
+    """Apply ``trust_repo`` (None, False, True or ``"check"``) before anything is downloaded or run.
+
+    ``untrusted_ok``: the repository's code will run sandboxed and nothing it returns will run here,
+    so an untrusted repository needs no confirmation: ``None`` gives no warning and ``"check"`` no
+    prompt (``True`` still records trust, ``False`` still asks, as the caller asked for that).
+    """
     ask = prompt or _prompt
     trusted = is_trusted(hub_dir, spec, ref)
+    if untrusted_ok and (trust_repo is None or trust_repo == "check"):
+        if not trusted:  # its folder will exist without trust: the legacy rule must not trust it later
+            os.makedirs(os.path.dirname(_sandbox_only_marker(hub_dir, spec)), exist_ok=True)
+            open(_sandbox_only_marker(hub_dir, spec), "a").close()
+        return
     if trust_repo is None:
         if not trusted:
             warnings.warn(

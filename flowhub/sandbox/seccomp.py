@@ -20,6 +20,11 @@ worker, so library code that probes for a feature sees "not available". Denied:
 * with ``allow_subprocesses=False``: ``fork``, ``vfork``, ``execve``, ``execveat`` and ``clone``
   without ``CLONE_THREAD`` (threads keep working).
 
+Changes of file metadata (mode, owner, extended attributes) are not denied but *ignored*: they
+return success and change nothing. Landlock does not cover them, so otherwise a worker could
+``chmod`` files it may only read, or not even open (the caller's ``~/.ssh``, the hub cache); and
+``shutil.copy``, which copies the mode, keeps working.
+
 The filter is loaded with ``TSYNC``, so in a multi-threaded process every thread gets it.
 """
 from __future__ import annotations
@@ -61,6 +66,11 @@ DENIED_SYSCALLS: Tuple[str, ...] = (
     "setsid", "setpgid",
 )
 SUBPROCESS_SYSCALLS: Tuple[str, ...] = ("fork", "vfork", "execve", "execveat")
+#: Metadata changes Landlock does not cover: they succeed without doing anything (see above).
+IGNORED_SYSCALLS: Tuple[str, ...] = (
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "chown32", "fchown32",
+    "lchown32", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+)
 
 
 class _ArgCmp(ctypes.Structure):
@@ -187,7 +197,9 @@ def apply(policy: SandboxPolicy) -> str:
         for flag in CLONE_NEW_FLAGS.values():
             f.add(deny, "clone", (0, CMP_MASKED_EQ, flag, flag))
         f.add(_errno_action(ENOSYS), "clone3")
-        notes = _socket_rules(f, policy)
+        for name in IGNORED_SYSCALLS:
+            f.add(_errno_action(0), name)  # "succeeds" without running
+        notes = _socket_rules(f, policy) + ["file mode, owner and xattr changes ignored"]
         if not policy.allow_subprocesses:
             for name in SUBPROCESS_SYSCALLS:
                 f.add(deny, name)

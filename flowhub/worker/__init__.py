@@ -11,6 +11,11 @@ In ``mode="proxy"`` the result stays in the worker instead: ``objects`` (inside 
 in a table and answers the requests of the caller's ``proxy`` handles, and ``codec`` carries values
 as restricted JSON plus tensors in a sealed memfd, so the caller never unpickles what such a
 worker sends.
+
+Sandboxed workers (``sandbox=True``) come from a second, scrubbed zygote: ``sandbox_host`` is the
+caller's side (scratch folders, watchdog, the downloads it makes for them, one-shot workers),
+``sandbox_child`` the worker's (lock down before the hubconf, ask the caller for downloads), and
+``weights`` loads checkpoints weights-only in a one-shot sandboxed worker.
 """
 from flowhub.worker.manager import WorkerManager, get_manager
 from flowhub.worker.proxy import Proxy, ProxyError, StaleProxyError

@@ -9,6 +9,9 @@ when asked), then answers requests until its socket closes::
              {"ok": false, "kind": "hubconf"|"transfer", "error": {...}, "fatal": bool}
              body = the exception pickled by reference (or empty)
 
+Requests with ``"mode": "proxy"`` go to :class:`flowhub.worker.objects.ObjectServer`, which keeps
+the results here and replies in JSON only (never a pickle).
+
 Before every request it hands the caller's settings to :func:`flowhub.api.adopt_settings`, so weight
 downloads the hubconf makes (through flowhub or ``oneflow.hub``) use the caller's cache and
 options. ``SystemExit`` from hubconf code ends the worker with that exit code (the caller then
@@ -160,6 +163,12 @@ def main(sock_fd: int, spec: dict) -> None:
     code = 0
     try:
         sock = socket.socket(fileno=sock_fd)
+        if spec.get("sandbox"):  # already locked down by the zygote (flowhub.worker.sandbox_child)
+            from flowhub.worker import sandbox_child, weights
+
+            if spec.get("task") == "weights":  # a one-shot weights-only load
+                return weights.serve(sock, spec)
+            sandbox_child.attach(sock)  # downloads are made by the caller
         WorkerLoop(sock, spec["repo_dir"], bool(spec.get("mock_torch"))).serve()
     except SystemExit as exc:
         code = _exit_code(exc)

@@ -42,6 +42,8 @@ _FAULTHANDLER_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.S
 
 
 def _describe_status(status: dict) -> str:
+    if status.get("cause"):  # a sandboxed worker ended by one of its limits (see sandbox_host)
+        return f"{_describe_status(dict(status, cause=None))}: {status['cause']}"
     if "signal" in status:
         try:
             sig = signal.Signals(status["signal"])
@@ -68,6 +70,7 @@ class _Worker:
         self.gen = 0  # +1 per process forked for this worker; a proxy belongs to one generation
         self.ended: Dict[int, str] = {}  # generation -> how its process ended (for stale proxies)
         self.conn: Any = None  # proxy.Connection of the current generation, once a proxy-mode call made one
+        self.settings: Optional[dict] = None  # the last call's settings: a sandboxed worker's downloads use them
 
     def pinned(self) -> bool:
         """The caller holds proxies of objects in this process: do not reap or evict it."""
@@ -97,6 +100,7 @@ class WorkerManager:
         self._owner = os.getpid()
         self._lock = threading.Lock()
         self._zygote = ZygoteHandle(zygote_start)
+        self._sandbox: Optional[Any] = None  # sandbox_host.SandboxHost, made by the first sandboxed call
         self._workers: Dict[tuple, _Worker] = {}
         self._reaper: Optional[threading.Thread] = None
         self._wake = threading.Condition(self._lock)
@@ -106,7 +110,7 @@ class WorkerManager:
     def call(self, *, repo_dir: str, key: str, op: str, model: Optional[str] = None, args: tuple = (),
              kwargs: Optional[dict] = None, mode: str = "rebuild", settings: Optional[dict] = None,
              timeout: Optional[float] = None, label: str = "", mock_torch: bool = False,
-             weights: Optional[list] = None) -> Any:
+             weights: Optional[list] = None, sandbox: bool = False) -> Any:
         """Run ``op`` (``list``, ``help`` or ``load``) in the worker of ``key`` and return its result.
 
         The weight files the call used (URL, size, SHA-256) are appended to ``weights`` if given.
@@ -119,6 +123,10 @@ class WorkerManager:
         ``settings["worker_timeout"]``, or ``$FLOWHUB_WORKER_TIMEOUT`` without settings) bounds the
         call once its worker runs. A worker whose ``hubconf.py`` changed on disk since it imported it
         is replaced (the reference re-imports hubconf.py on every call).
+
+        ``sandbox=True``: the worker comes from a separate, scrubbed zygote and is sandboxed before it
+        imports the hubconf; it never gets the GitHub token, and the caller makes its downloads (see
+        :mod:`flowhub.worker.sandbox_host`).
         """
         if op not in OPS:
             raise ValueError(f"unknown hub operation {op!r}; expected one of {', '.join(OPS)}")
@@ -130,7 +138,15 @@ class WorkerManager:
             from flowhub.settings import ENV_WORKER_TIMEOUT, _env_float
 
             timeout = _env_float(os.environ, ENV_WORKER_TIMEOUT, None)
-        self.prewarm()  # the zygote imports oneflow while this process does the same below
+        sandbox_hub = None
+        if sandbox:
+            from flowhub.settings import default_hub_dir
+
+            settings = {k: v for k, v in (settings or {}).items() if k != "github_token"}
+            sandbox_hub = os.path.realpath(settings.get("hub_dir") or default_hub_dir(os.environ))
+            self.sandbox_host().prewarm()
+        else:
+            self.prewarm()  # the zygote imports oneflow while this process does the same below
         from flowhub.worker import rebuild
 
         label = label or key
@@ -141,7 +157,9 @@ class WorkerManager:
             raise TransferError(f"{context}: the arguments cannot be sent to the worker by value "
                                 f"({type(exc).__name__}: {exc})") from None
         repo_dir = os.path.abspath(repo_dir)
-        worker = self._acquire((key, os.path.realpath(repo_dir), bool(mock_torch)), repo_dir, mock_torch, label)
+        worker = self._acquire((key, os.path.realpath(repo_dir), bool(mock_torch), sandbox_hub), repo_dir,
+                               mock_torch, label)
+        worker.settings = settings  # for the requests a sandboxed worker makes during the call
         try:
             result, used = self._call(worker, op, model, request, timeout, context, mode)
             if weights is not None:
@@ -159,12 +177,22 @@ class WorkerManager:
         with self._zygote.lock:
             self._zygote.start()
 
+    def sandbox_host(self) -> Any:
+        """The :class:`~flowhub.worker.sandbox_host.SandboxHost` of this manager's sandboxed workers."""
+        with self._lock:
+            if self._sandbox is None:
+                from flowhub.worker.sandbox_host import SandboxHost
+
+                self._sandbox = SandboxHost()
+            return self._sandbox
+
     def active_pids(self) -> List[int]:
         """Pids of the processes this manager keeps: the zygote (if running) and every live worker."""
         with self._lock:
             pids = [w.pid for w in self._workers.values() if w.pid is not None and not w.dead]
         zygote = self._zygote.pid if self._zygote.alive() else None
-        return ([zygote] if zygote else []) + pids
+        sandboxed = self._sandbox.zygote_pid() if self._sandbox is not None else None
+        return [z for z in (zygote, sandboxed) if z] + pids
 
     def worker_pid(self, key: str) -> Optional[int]:
         """The pid of the live worker serving ``key`` (any repo dir / mock flag), or ``None``."""
@@ -201,6 +229,8 @@ class WorkerManager:
             w.dead = True
         with self._zygote.lock:
             self._zygote.close(wait)  # it kills and reaps the workers before exiting
+        if self._sandbox is not None:
+            self._sandbox.shutdown(wait)
 
     # -- workers ------------------------------------------------------------------------------------
     def _acquire(self, ikey: tuple, repo_dir: str, mock_torch: bool, label: str) -> _Worker:
@@ -241,8 +271,11 @@ class WorkerManager:
         spec = {"repo_dir": repo_dir, "mock_torch": bool(mock_torch), "env": dict(os.environ),
                 "cwd": os.getcwd(), "sys_path": _worker_sys_path()}
         try:
-            with self._zygote.lock:
-                reply = self._zygote.request({"op": "fork", "spec": spec}, (theirs.fileno(),))
+            if len(worker.ikey) > 3 and worker.ikey[3] is not None:  # sandboxed (ikey[3]: its hub folder)
+                reply = {"pid": self.sandbox_host().fork(spec, worker.ikey[3], theirs.fileno(), worker.label)}
+            else:
+                with self._zygote.lock:
+                    reply = self._zygote.request({"op": "fork", "spec": spec}, (theirs.fileno(),))
         except BaseException:
             ours.close()
             raise
@@ -265,6 +298,8 @@ class WorkerManager:
         pid, worker.pid, worker.dead = worker.pid, None, True
         if pid is None:
             return {"unknown": True}
+        if self._sandbox is not None and self._sandbox.owns(pid):  # with its subprocesses and folders
+            return self._sandbox.reap(pid, kill)
         with self._zygote.lock:
             if not self._zygote.ready or not self._zygote.alive():
                 return {"unknown": True}
@@ -342,6 +377,11 @@ class WorkerManager:
                 if self._workers:  # a call came in meanwhile
                     return
             self._zygote.close()
+        if self._sandbox is not None:
+            with self._lock:
+                if self._workers:
+                    return
+            self._sandbox.close_zygote()
 
     # -- one call -------------------------------------------------------------------------------------
     def _call(self, worker: _Worker, op: str, model: Optional[str], request: Any, timeout: Optional[float],
@@ -380,7 +420,7 @@ class WorkerManager:
         assert worker.sock is not None
         try:
             protocol.send_message(worker.sock, header, body, [packed.fd] if packed.fd is not None else [])
-            return protocol.recv_message(worker.sock, deadline)
+            return self._receive(worker, deadline)
         except TimeoutError:
             pid = worker.pid
             self._reap(worker, kill=True, why=f"was killed after a call took longer than {timeout:g} s")
@@ -397,6 +437,20 @@ class WorkerManager:
         except BaseException:  # KeyboardInterrupt and the like: the worker's state is unknown
             self._reap(worker, kill=True, why="was killed when a call to it was interrupted")
             raise
+
+    def _receive(self, worker: _Worker, deadline: Optional[float]) -> protocol.Message:
+        """The worker's reply to the current request. A sandboxed worker may first send requests of
+        its own (weight downloads, see :mod:`flowhub.worker.sandbox_host`): each is answered, and the
+        wait for the reply goes on, under the same deadline."""
+        state: dict = {}
+        while True:
+            header, body, fds = protocol.recv_message(worker.sock, deadline)  # type: ignore[arg-type]
+            if not protocol.is_request(header):
+                return header, body, fds
+            protocol.close_fds(fds)
+            if self._sandbox is None or not self._sandbox.owns(worker.pid):
+                raise protocol.ProtocolError(f"unexpected request {str(header.get('request'))!r:.40} from a worker")
+            self._sandbox.answer(worker.sock, worker.pid, header, worker.settings, state)
 
     @staticmethod
     def _raise_remote(reply: dict, body: bytes, context: str, label: str) -> Any:
@@ -435,11 +489,12 @@ class WorkerManager:
                 finally:
                     worker.last_used = self._last_activity = time.monotonic()
                     self._after_call(worker)
-                return self._proxy_reply(worker, conn, reply, fds, context)
+                return self._proxy_reply(worker, conn, reply, fds, context, header.get("op") == "next")
         finally:
             packed.close()
 
-    def _proxy_reply(self, worker: _Worker, conn: Any, reply: dict, fds: List[int], context: str) -> Any:
+    def _proxy_reply(self, worker: _Worker, conn: Any, reply: dict, fds: List[int], context: str,
+                     may_stop: bool = False) -> Any:
         """Decode a proxy-mode reply (JSON and validated tensors only) or raise the error it reports."""
         if reply.get("ok") is not True:
             from flowhub.worker import failures
@@ -453,7 +508,7 @@ class WorkerManager:
                 message = info.get("message") if isinstance(info.get("message"), str) else "transfer failed"
                 raise TransferError(f"{context}: {message[:1 << 16]}")
             raise failures.from_description(info, context, worker.label)
-        if reply.get("stop") is True:
+        if may_stop and reply.get("stop") is True:  # next() on an exhausted iterator
             protocol.close_fds(fds)
             raise StopIteration
         return conn.decode(reply, fds, context)

@@ -102,6 +102,10 @@ class Zygote:
     def kill_all(self) -> None:
         for pid in self.children:
             try:
+                os.killpg(pid, signal.SIGKILL)  # a sandboxed worker leads a group with its subprocesses
+            except OSError:
+                pass
+            try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
@@ -146,6 +150,10 @@ def _prepare_worker(spec: dict) -> None:
     path = spec.get("sys_path")
     if isinstance(path, list):
         sys.path[:] = [str(p) for p in path]
+    if spec.get("sandbox"):  # locked down now: single-threaded, before any repository code
+        from flowhub.worker import sandbox_child
+
+        sandbox_child.enter(spec)
     _reseed()
     import faulthandler
 
@@ -200,12 +208,18 @@ def _import_quietly() -> Optional[str]:
 _zygote_pid = 0
 
 
-def _serve_forever(sock: socket.socket) -> None:
-    """Import what workers need, say ready (or why not), serve; never returns."""
+def _serve_forever(sock: socket.socket, sandboxed: bool = False) -> None:
+    """Import what workers need, say ready (or why not), serve; never returns. A ``sandboxed`` zygote
+    (one whose workers sandbox themselves) also warms the sandbox."""
     global _zygote_pid
     _zygote_pid = os.getpid()
     failure = _import_quietly()
     from flowhub.worker import protocol
+
+    if failure is None and sandboxed:
+        from flowhub.worker import sandbox_child
+
+        sandbox_child.prepare()
 
     if failure is not None:
         protocol.send_message(sock, {"ready": False, "error": failure[-20000:]})
@@ -220,12 +234,13 @@ def _serve_forever(sock: socket.socket) -> None:
 
 
 def main(argv: Optional[list] = None) -> None:
-    """Entry point of a spawned zygote process: ``argv[1]`` is its socket, ``argv[2]`` the caller's pid."""
+    """Entry point of a spawned zygote process: ``argv[1]`` is its socket, ``argv[2]`` the caller's pid,
+    ``argv[3]`` (optional) ``sandbox`` for the zygote of sandboxed workers."""
     argv = sys.argv if argv is None else argv
     fd, caller = int(argv[1]), int(argv[2])
     set_parent_death_signal(caller, b"flowhub-zygote")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _serve_forever(socket.socket(fileno=fd))
+    _serve_forever(socket.socket(fileno=fd), sandboxed=argv[3:4] == ["sandbox"])
 
 
 def main_forked(sock: socket.socket, caller: int) -> None:
