@@ -33,10 +33,12 @@ from flowhub.errors import (  # noqa: E402
     MissingDependenciesError,
     NetworkError,
     OfflineError,
+    ProxyError,
     RateLimitError,
     RepoSpecError,
     RequestTimeoutError,
     ResolveError,
+    StaleProxyError,
     TransferError,
     UntrustedRepositoryError,
     WeightsOnlyError,
@@ -45,6 +47,7 @@ from flowhub.errors import (  # noqa: E402
     WorkerTimeoutError,
 )
 from flowhub.hub import Hub  # noqa: E402
+from flowhub.worker.proxy import Proxy  # noqa: E402  (cheap: no oneflow import)
 from flowhub.settings import ENV_GITHUB_TOKEN, ENV_ONEFLOW_HOME, ENV_XDG_CACHE_HOME  # noqa: E402
 
 __all__ = [
@@ -53,5 +56,6 @@ __all__ = [
     "ENV_XDG_CACHE_HOME", "FlowhubError", "RepoSpecError", "EntrypointError", "MissingDependenciesError",
     "ResolveError", "RateLimitError", "NetworkError", "RequestTimeoutError", "OfflineError", "IntegrityError",
     "IncompleteDownloadError", "HashMismatchError", "ArchiveError", "UntrustedRepositoryError", "WorkerError",
-    "WorkerCrashedError", "WorkerTimeoutError", "HubconfError", "TransferError", "load_weights", "WeightsOnlyError",
+    "WorkerCrashedError", "WorkerTimeoutError", "HubconfError", "TransferError", "ProxyError", "StaleProxyError",
+    "Proxy", "load_weights", "WeightsOnlyError",
 ]

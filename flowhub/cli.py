@@ -78,12 +78,16 @@ def summarize(obj: Any, input_shape: Optional[str] = None) -> str:
         import oneflow.nn as nn
     except ImportError:  # pragma: no cover - oneflow is a dependency
         return repr(obj)
-    if not isinstance(obj, nn.Module):
+    from flowhub.worker.proxy import Proxy, remote_isinstance, remote_type
+
+    proxied = isinstance(obj, Proxy)
+    if not (isinstance(obj, nn.Module) or (proxied and remote_isinstance(obj, nn.Module))):
         text = repr(obj)
         return f"{type(obj).__name__}: {text if len(text) < 2000 else text[:2000] + '...'}"
     n_params = sum(p.numel() for p in obj.parameters())
     n_tensors = len(obj.state_dict())
-    lines = [f"{type(obj).__name__}: {n_params:,} parameters in {n_tensors} tensors", str(obj)]
+    name = f"{remote_type(obj)} (proxy: it stays in its worker)" if proxied else type(obj).__name__
+    lines = [f"{name}: {n_params:,} parameters in {n_tensors} tensors", repr(obj) if proxied else str(obj)]
     if input_shape:
         shape = _shape(input_shape)
         flow.manual_seed(0)

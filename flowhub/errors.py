@@ -102,6 +102,14 @@ class TransferError(WorkerError):
     """The entrypoint's result cannot be sent back to the caller by value; ``mode="proxy"`` keeps it in the worker."""
 
 
+class ProxyError(WorkerError):
+    """A proxy was used in a way that cannot cross to its worker (autograd, a proxy of another worker)."""
+
+
+class StaleProxyError(ProxyError):
+    """The worker that held a proxy's object has ended (crashed, timed out, replaced or shut down)."""
+
+
 # -- weights-only loading -----------------------------------------------------------------------
 class WeightsOnlyError(FlowhubError, pickle.UnpicklingError):
     """A checkpoint loaded with ``weights_only=True`` holds more than tensors and plain values, or

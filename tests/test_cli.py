@@ -142,3 +142,12 @@ def test_lock_and_verify(gh, hub_dir, tmp_path):
     proc = run("verify", "--lockfile", str(lock))
     assert proc.returncode == 1 and "do not match the lockfile" in proc.stdout and "1 failed" in proc.stdout
     assert run("verify", "--lockfile", str(tmp_path / "missing.lock")).returncode == 1
+
+
+def test_load_in_proxy_mode(gh):
+    proc = run("load", f"{REPO}:v0.1", "tinynet", "pretrained=True", "--mode", "proxy", "--trust", "-q",
+               "--input-shape", "1x3x32x32")
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.endswith("TinyNet (proxy: it stays in its worker): 1,578 parameters in 11 tensors")
+    assert "output for a random input of shape (1, 3, 32, 32): shape (1, 10)" in proc.stdout

@@ -26,19 +26,11 @@ import os
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
-from flowhub.errors import TransferError, WorkerError
+from flowhub.errors import ProxyError, StaleProxyError, TransferError
 
 __all__ = ["Proxy", "ProxyError", "StaleProxyError", "remote_type", "remote_isinstance", "worker_stats"]
 
 _MISSING = object()
-
-
-class ProxyError(WorkerError):
-    """A proxy was used in a way that cannot cross to its worker (autograd, a proxy of another worker)."""
-
-
-class StaleProxyError(ProxyError):
-    """The worker that held a proxy's object has ended (crashed, timed out, replaced or shut down)."""
 
 
 class Proxy:
