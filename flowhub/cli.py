@@ -8,7 +8,6 @@ import argparse
 import ast
 import json
 import os
-import re
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -16,6 +15,7 @@ from flowhub import trust
 from flowhub.errors import FlowhubError
 from flowhub.hub import Hub
 from flowhub.spec import parse_repo_spec
+from flowhub.units import human_size, parse_age, parse_size
 
 
 def _value(text: str) -> Any:
@@ -233,33 +233,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_size(text: str) -> int:
-    """``500M``, ``2G``, ``1.5GiB``, ``1024`` → bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M or 2G")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-
-
-def parse_age(text: str) -> float:
-    """``30d``, ``12h``, ``90m``, ``2w`` → seconds."""
-    t = text.strip().lower()
-    try:
-        return float(t[:-1]) * _AGE_UNITS[t[-1]] if t and t[-1] in _AGE_UNITS else float(t) * 86400
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an age like 30d, 12h or 2w") from None
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+def _argtype(parse):
+    """An argparse type from a ``units`` parser (its ValueError becomes a usage error)."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
 def _print_entries(entries, as_json: bool) -> None:
@@ -274,7 +255,7 @@ def _print_entries(entries, as_json: bool) -> None:
     print(f"{'KIND':<8} {'SIZE':>10} {'LAST USED':<16} {'NAME':<44} {'SHA':<12} SOURCE")
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "-"
-        print(f"{e.kind:<8} {_human(e.size):>10} {used:<16} {e.name:<44} {e.sha[:12]:<12} {e.source}"
+        print(f"{e.kind:<8} {human_size(e.size):>10} {used:<16} {e.name:<44} {e.sha[:12]:<12} {e.source}"
               + (f"  !! {e.problem}" if e.problem else ""))
 
 
@@ -302,14 +283,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     for e in chosen:
         if not args.dry_run:
             inventory.remove(hub_dir, e)
-        print(f"{verb} {e.kind} {e.name} ({_human(e.size)})")
+        print(f"{verb} {e.kind} {e.name} ({human_size(e.size)})")
     for path in leftovers:
         if not args.dry_run:
             from flowhub import store
 
             store.remove_tree(path)
         print(f"{verb} leftover {path}")
-    print(f"{verb} {len(chosen)} entries, {_human(sum(e.size for e in chosen))}")
+    print(f"{verb} {len(chosen)} entries, {human_size(sum(e.size for e in chosen))}")
     return 0
 
 
@@ -386,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="list, verify or prune the hub cache")
     p.add_argument("action", choices=("ls", "verify", "prune"))
     p.add_argument("--json", action="store_true", help="print JSON (ls, verify)")
-    p.add_argument("--older-than", type=parse_age, help="prune: entries unused for this long (30d, 12h, 2w)")
-    p.add_argument("--max-size", type=parse_size, help="prune: least recently used entries until the cache fits (e.g. 10G)")
+    p.add_argument("--older-than", type=_argtype(parse_age), help="prune: entries unused for this long (30d, 12h, 2w)")
+    p.add_argument("--max-size", type=_argtype(parse_size), help="prune: least recently used entries until the cache fits (e.g. 10G)")
     p.add_argument("--corrupt", action="store_true", help="prune: entries that fail verification")
     p.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
     p.set_defaults(func=cmd_cache)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import signal
 import socket
@@ -47,6 +46,7 @@ import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from flowhub import units
 from flowhub.errors import WorkerCrashedError, WorkerTimeoutError
 from flowhub.worker import protocol
 from flowhub.worker.launcher import ZygoteHandle, _spawn_from_long_lived_thread
@@ -59,16 +59,18 @@ DEFAULT_MAX_PROCESSES = 64
 #: ``<hub>/checkpoints/<this>/``: weights downloaded for sandboxed workers, apart from the files
 #: trusted loads use, so an untrusted hubconf cannot plant a checkpoint under a name they would load.
 SANDBOXED_DIR = ".sandboxed"
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _WATCH_INTERVAL = 0.1
 
 
 def parse_size(text: str, name: str) -> int:
-    """``"2G"``, ``"512M"``, ``"1.5GiB"`` or a number of bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if not match or float(match.group(1)) <= 0:
+    """``"2G"``, ``"512M"``, ``"1.5GiB"`` or a number of bytes, for the variable ``name``."""
+    try:
+        size = units.parse_size(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
         raise ValueError(f"{name}={text!r} is not a size like 4G or 512M")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    return size
 
 
 def _physical_memory() -> int:
@@ -108,14 +110,6 @@ class Limits:
         """``RLIMIT_DATA`` inside the worker: a per-process backstop on *reserved* memory, well above
         what the watchdog allows to be *resident*, so a big allocation fails with MemoryError there."""
         return 2 * self.max_memory + (1 << 30)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class _SandboxZygote(ZygoteHandle):
@@ -325,8 +319,8 @@ class SandboxHost:
                 break
             time.sleep(0.01)
         if kill is not None and kill.reason == "memory":
-            return (f"the sandbox watchdog killed it because it used {_human(kill.rss)} of memory, over its limit "
-                    f"of {_human(limits.max_memory)} ({ENV_MAX_MEMORY})")
+            return (f"the sandbox watchdog killed it because it used {units.human_size(kill.rss)} of memory, over its limit "
+                    f"of {units.human_size(limits.max_memory)} ({ENV_MAX_MEMORY})")
         if kill is not None:
             return (f"the sandbox watchdog killed it because it ran {kill.processes} processes, over its limit "
                     f"of {limits.max_processes} ({ENV_MAX_PROCESSES})")
