@@ -392,6 +392,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "trust" and args.action != "ls" and not args.repo:
         parser.error(f"trust {args.action} needs owner/repo")
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"  # also the bars of downloads a hubconf makes (workers inherit it)
     try:
         return args.func(args)
     except (FlowhubError, ValueError, RuntimeError, FileNotFoundError, OSError) as exc:

@@ -148,8 +148,13 @@ class _Transfer:
 
 def download(client: HttpClient, url: str, dst: str, *, hash_prefix: Optional[str] = None,
              progress: bool = True, desc: Optional[str] = None) -> DownloadResult:
-    """Download ``url`` to ``dst`` atomically; resume on dropped connections; verify size and hash."""
+    """Download ``url`` to ``dst`` atomically; resume on dropped connections; verify size and hash.
+
+    ``TQDM_DISABLE=1`` in the environment turns the progress bar off whatever ``progress`` says
+    (``flowhub -q`` sets it, so a hubconf's own ``progress=True`` downloads are quiet too).
+    """
     client.check_online(f"Downloading {url}")
+    progress = progress and os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("1", "true", "yes")
     dst = os.path.abspath(os.path.expanduser(dst))
     tmp = temp_path_for(dst)
     try:

@@ -35,6 +35,10 @@ def test_list_help_load(gh):
     assert "output for a random input of shape (2, 3, 32, 32): shape (2, 10)" in proc.stdout
     proc = run("load", f"{REPO}:v0.1", "tinymlp", "hidden=7", "-q")
     assert proc.returncode == 0 and "in_features=64, out_features=7" in proc.stdout
+    proc = run("load", f"{REPO}:v0.1", "tinymlp", "pretrained=True", "-q")
+    assert proc.returncode == 0 and "Downloading" in proc.stderr and "%|" not in proc.stderr  # -q: no bars
+    proc = run("load", f"{REPO}:v0.1", "tinynet", "pretrained=True", "--force-reload")
+    assert proc.returncode == 0 and "%|" in proc.stderr  # the hubconf's weight download shows its bar
 
 
 def test_errors_exit_1_with_a_message_and_no_traceback(gh):
