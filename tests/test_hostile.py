@@ -706,3 +706,33 @@ def test_doctor_reports_the_sandbox_of_this_machine(tmp_path):
     assert info["sandbox"]["checks"]["write outside scratch"].startswith("denied")
     text = subprocess.run([sys.executable, "-m", "flowhub", "doctor"], capture_output=True, text=True, timeout=60)
     assert text.returncode == 0 and f"sandbox: {info['sandbox']['strength']}" in text.stdout
+
+
+FETCH_HUBCONF = r'''
+import oneflow.hub
+
+
+def fetch(url):
+    try:
+        return sorted(oneflow.hub.load_state_dict_from_url(url, progress=False))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+'''
+
+
+def test_caller_fetches_only_from_the_configured_endpoints(gh, hub_root, example, tmp_path, monkeypatch):
+    from flowhub.server import GitHubServer
+
+    repo = tmp_path / "fetcher"
+    repo.mkdir()
+    (repo / "hubconf.py").write_text(FETCH_HUBCONF)
+    asset = f"flowhub-examples/tiny-models/releases/download/v0.1/{example['weights']['v0.1']['tinymlp']}"
+    with GitHubServer(hub_root) as other:  # another host:port than the configured endpoints
+        assert _hub(mode="proxy").load(str(repo), "fetch", f"{gh.url}/{asset}", source="local") == [
+            "fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+        refused = _hub(mode="proxy").load(str(repo), "fetch", f"{other.url}/{asset}", source="local")
+        assert refused.startswith("PermissionError") and "FLOWHUB_SANDBOX_ALLOWED_HOSTS" in refused
+        assert other.requests == []
+        monkeypatch.setenv("FLOWHUB_SANDBOX_ALLOWED_HOSTS", f"example.invalid, 127.0.0.1:{other.port}")
+        # allowed now (the host check comes before the by-name cache, which already holds this file)
+        assert len(_hub(mode="proxy").load(str(repo), "fetch", f"{other.url}/{asset}", source="local")) == 4

@@ -15,7 +15,8 @@ What :mod:`flowhub.sandbox` asks of a caller, done here for :class:`~flowhub.wor
 * **downloads on the workers' behalf**: a sandboxed hubconf's ``load_state_dict_from_url`` /
   ``download_url_to_file`` arrive as ``fetch`` requests during a call (:meth:`SandboxHost.answer`).
   They are made here, through the caller's settings (without the GitHub token), locks, progress bars
-  and lockfile expectations, only for http(s) URLs. A weight file already in ``<hub>/checkpoints``
+  and lockfile expectations, only for http(s) URLs on the configured endpoints' hosts (and those in
+  ``FLOWHUB_SANDBOX_ALLOWED_HOSTS``), so a hubconf cannot use the caller to reach internal hosts. A weight file already in ``<hub>/checkpoints``
   is shared (read-only); a new one is cached in ``<hub>/checkpoints/.sandboxed/``, never where a
   trusted load looks (weights are cached by file name, so an untrusted hubconf could otherwise plant
   a pickle that a later trusted load runs); ``download_url_to_file`` lands in the worker's inbox;
@@ -27,6 +28,8 @@ Limits are read from the environment when a worker is started:
 ``FLOWHUB_SANDBOX_MAX_MEMORY``   memory of a worker and its subprocesses   half the machine's RAM
 ``FLOWHUB_SANDBOX_MAX_PROCESSES`` processes of a worker, itself included   64
 ``FLOWHUB_SANDBOX_MIN_STRENGTH`` the weakest acceptable sandbox            ``strong``
+``FLOWHUB_SANDBOX_ALLOWED_HOSTS`` hosts besides the GitHub endpoints that   none (``*``: any)
+                                 a sandboxed hubconf may have fetched
 ================================ ========================================= ====================
 """
 from __future__ import annotations
@@ -59,6 +62,7 @@ DEFAULT_MAX_PROCESSES = 64
 #: ``<hub>/checkpoints/<this>/``: weights downloaded for sandboxed workers, apart from the files
 #: trusted loads use, so an untrusted hubconf cannot plant a checkpoint under a name they would load.
 SANDBOXED_DIR = ".sandboxed"
+ENV_ALLOWED_HOSTS = "FLOWHUB_SANDBOX_ALLOWED_HOSTS"
 _WATCH_INTERVAL = 0.1
 
 
@@ -71,6 +75,26 @@ def parse_size(text: str, name: str) -> int:
     if size <= 0:
         raise ValueError(f"{name}={text!r} is not a size like 4G or 512M")
     return size
+
+
+def allowed_hosts(settings: Any) -> List[str]:
+    """Hosts a sandboxed hubconf may have the caller fetch from: the configured GitHub endpoints, plus
+    ``FLOWHUB_SANDBOX_ALLOWED_HOSTS`` (comma-separated ``host`` or ``host:port``; ``*`` allows any)."""
+    hosts = [urlsplit(settings.github_url).netloc.lower(), urlsplit(settings.github_api_url).netloc.lower()]
+    extra = os.environ.get(ENV_ALLOWED_HOSTS, "")
+    return hosts + [h.strip().lower() for h in extra.split(",") if h.strip()]
+
+
+def _check_allowed_host(url: str, settings: Any) -> None:
+    parts = urlsplit(url)
+    netloc, host = parts.netloc.lower(), (parts.hostname or "").lower()
+    allowed = allowed_hosts(settings)
+    if "*" in allowed or netloc in allowed or host in allowed:
+        return
+    raise PermissionError(
+        f"a sandboxed hubconf asked for {url!r:.200}, but {netloc} is not one of the configured endpoints "
+        f"({', '.join(allowed)}); the caller only fetches from those. To allow it, add the host to "
+        f"{ENV_ALLOWED_HOSTS} (comma-separated; '*' allows any).")
 
 
 def _physical_memory() -> int:
@@ -365,6 +389,7 @@ class SandboxHost:
         if not isinstance(url, str) or len(url) > 16384 or urlsplit(url).scheme not in ("http", "https"):
             raise ValueError(f"a sandboxed worker may have http(s) URLs fetched, not {str(url)!r:.200}")
         settings = _settings(values)
+        _check_allowed_host(url, settings)
         client = HttpClient(settings)
         progress = header.get("progress") is not False
         expected = values.get("expected_weights") if isinstance(values.get("expected_weights"), dict) else {}
