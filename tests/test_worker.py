@@ -1,18 +1,21 @@
 """Isolated workers (flowhub.worker): real oneflow models, real processes, no mocks.
 
-The repositories used live in tests/worker_repos/: ``v1`` and ``v2`` are two versions of one repo
+The repositories used live in tests/worker_repos/: ``v1`` and ``v2`` (made from v1 below) are two versions of one repo
 (same package ``mypkg``, different model widths), ``colliding_a``/``colliding_b`` both ship
 top-level ``models`` and ``utils`` packages, ``broken`` cannot be imported and ``torchstyle`` is
 written against ``torch``.
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -28,8 +31,28 @@ from flowhub.errors import (EntrypointError, HubconfError, TransferError, Worker
 from flowhub.worker import WorkerManager, get_manager
 
 REPOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_repos")
-V1, V2 = os.path.join(REPOS, "v1"), os.path.join(REPOS, "v2")
+V1 = os.path.join(REPOS, "v1")
 PY = sys.executable
+
+
+def _make_v2() -> str:
+    """``v2``: ``v1`` with another VERSION and model WIDTH, the same package name (``mypkg``)."""
+    root = tempfile.mkdtemp(prefix="flowhub-test-v2-")
+    atexit.register(shutil.rmtree, root, True)
+    v2 = os.path.join(root, "v2")
+    shutil.copytree(V1, v2, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel, old, new in (("mypkg/__init__.py", 'VERSION = "v1"', 'VERSION = "v2"'),
+                          ("mypkg/models.py", "WIDTH = 10", "WIDTH = 20")):
+        path = os.path.join(v2, rel)
+        with open(path) as f:
+            text = f.read()
+        assert old in text, (rel, old)
+        with open(path, "w") as f:
+            f.write(text.replace(old, new))
+    return v2
+
+
+V2 = _make_v2()
 
 
 @pytest.fixture(scope="module")

@@ -1,1 +1,0 @@
-VERSION = "v2"

@@ -1,2 +1,0 @@
-class CustomError(Exception):
-    """An exception class that exists only inside this repository."""
