@@ -150,6 +150,20 @@ def popen_python(code: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def kill_python_when(code: str, predicate, what: str):
+    """Run ``code`` in a new interpreter, SIGKILL it as soon as ``predicate()`` holds; return that value."""
+    proc = popen_python(code)
+    try:
+        value = wait_for(predicate, 60, what, proc)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+        return value
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # -- dropped connections and resume -----------------------------------------------------------------
 @pytest.mark.parametrize("size", [300_001, 3 * MiB + 12_345], ids=["under-one-chunk", "several-chunks"])
 def test_dropped_connection_resumes_with_range(gh, files, tmp_path, size):
@@ -439,16 +453,8 @@ def test_sigkill_mid_weights_download_then_next_process_succeeds(gh, files, hub_
             "print('DIGEST', h.hexdigest())\n")
     gh.add_fault(Fault(f"{prefix}/*", "slow", seconds=30))
     checkpoints = hub_dir / "checkpoints"
-    proc = popen_python(code)
-    try:
-        partial = wait_for(lambda: [p for p in checkpoints.glob("*.partial") if p.stat().st_size > 0], 60,
-                           "a non-empty *.partial", proc)[0]
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    partial = kill_python_when(code, lambda: [p for p in checkpoints.glob("*.partial") if p.stat().st_size > 0],
+                               "a non-empty *.partial")[0]
     assert 0 < partial.stat().st_size < size
     assert not (checkpoints / asset.name).exists()  # nothing under the final name
 
@@ -472,15 +478,8 @@ def test_sigkill_mid_weights_download_then_next_process_succeeds(gh, files, hub_
 def test_sigkill_leftover_is_not_listed_as_a_cache_entry(gh, example, hub_dir):
     url = weights_url(gh, example)
     gh.add_fault(Fault("*/releases/download/*", "slow", seconds=30))
-    proc = popen_python(f"import flowhub; flowhub.load_state_dict_from_url({url!r}, progress=False)")
-    try:
-        wait_for(lambda: list((hub_dir / "checkpoints").glob("*.partial")), 60, "a *.partial", proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    kill_python_when(f"import flowhub; flowhub.load_state_dict_from_url({url!r}, progress=False)",
+                     lambda: list((hub_dir / "checkpoints").glob("*.partial")), "a *.partial")
     gh.clear_faults()
     flowhub.load_state_dict_from_url(url, progress=False)
     assert [(e.kind, e.name) for e in inventory.scan(str(hub_dir))] == [("weights", url.rsplit("/", 1)[1])]
@@ -489,16 +488,8 @@ def test_sigkill_leftover_is_not_listed_as_a_cache_entry(gh, example, hub_dir):
 @pytest.mark.timeout(120)
 def test_sigkill_mid_repo_download_then_list_works(gh, hub_dir, capfd):
     gh.add_fault(Fault("*/legacy.zip/*", "slow", seconds=30))
-    proc = popen_python(f"import flowhub; print(flowhub.list({REPO + ':v0.1'!r}, trust_repo=True))")
-    try:
-        wait_for(lambda: glob.glob(str(hub_dir / ".flowhub" / "tmp" / "*" / "*.partial")), 60,
-                 "the archive download", proc)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    kill_python_when(f"import flowhub; print(flowhub.list({REPO + ':v0.1'!r}, trust_repo=True))",
+                     lambda: glob.glob(str(hub_dir / ".flowhub" / "tmp" / "*" / "*.partial")), "the archive download")
     assert not (hub_dir / "flowhub-examples_tiny-models_v0.1").exists()
     gh.clear_faults()
     gh.clear_log()
