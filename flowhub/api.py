@@ -103,7 +103,6 @@ def adopt_settings(settings: Dict[str, Any]) -> None:
     refresh = bool(values.pop("refresh_weights", False))
     _expected.set(values.pop("expected_weights", None))
     _weights_log.set([])
-    values.pop("github_token", None)  # the worker reads its own environment for the token
     values["mode"] = "inprocess"
     _default_hub = Hub(**{k: v for k, v in values.items() if k != "hub_dir"}, hub_dir=values.get("hub_dir"))
     _refreshed.set(set() if refresh else None)

@@ -198,7 +198,7 @@ class Hub:
                         weights.extend(used)
         from flowhub.worker import get_manager
 
-        return get_manager().call(repo_dir=repo_dir, key=f"{key}|mock_torch={self.mock_torch}", op=op, model=model,
+        return get_manager().call(repo_dir=repo_dir, key=key, op=op, model=model,
                                   args=tuple(args), kwargs=dict(kwargs or {}), mode=mode, sandbox=settings.sandbox,
                                   settings=dict(settings.as_dict(), refresh_weights=refresh_weights,
                                                 expected_weights=expected),

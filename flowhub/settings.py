@@ -78,7 +78,10 @@ class Settings:
     github_token: Optional[str] = dataclasses.field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings a worker gets: everything but the token (a worker reads its own environment)."""
+        data = dataclasses.asdict(self)
+        del data["github_token"]
+        return data
 
 
 _process_hub_dir: Optional[str] = None

@@ -334,7 +334,7 @@ def _gone(pid: int, timeout: float = 5.0) -> bool:
 
 
 def _worker_pid(repo: str) -> int:
-    pid = get_manager().worker_pid(f"local:{os.path.realpath(repo)}|mock_torch=False")
+    pid = get_manager().worker_pid(f"local:{os.path.realpath(repo)}")
     assert pid is not None
     return pid
 
