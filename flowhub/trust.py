@@ -52,7 +52,7 @@ def remove_trusted(hub_dir: str, spec: RepoSpec, lock_timeout: float = 60.0) -> 
         read_trusted(hub_dir)
         with open(path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and line.strip().lower() != spec.trust_name.lower()]
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"  # unique: correctness must not depend on the lock
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(tmp, path)
