@@ -48,12 +48,29 @@ def open_zip(path: str, what: str) -> zipfile.ZipFile:
         raise ArchiveError(f"{what}: {path} is not a valid zip archive.{hint}") from None
 
 
-def extract_zip(path: str, dest: str, what: str = "Extracting") -> List[str]:
+def check_expansion(infos: List[zipfile.ZipInfo], path: str, max_bytes: Optional[int] = None,
+                    max_ratio: Optional[float] = None) -> int:
+    """The bytes ``infos`` expand to; :class:`ArchiveError` (a zip bomb) if over ``max_bytes`` or more
+    than ``max_ratio`` times the archive's size. The sizes a zip declares bind: ``zipfile`` never
+    yields more than a member's declared size, and fails on a CRC mismatch."""
+    total = sum(info.file_size for info in infos)
+    if max_bytes is not None and total > max_bytes:
+        raise ArchiveError(f"{path} would expand to {total} bytes, over the limit of {max_bytes}; refusing it.")
+    packed = max(os.path.getsize(path), 1)
+    if max_ratio is not None and total > max_ratio * packed and total > 1 << 20:
+        raise ArchiveError(f"{path} would expand {total / packed:.0f}-fold ({packed} -> {total} bytes), over "
+                           f"the limit of {max_ratio:g}x; refusing it (a zip bomb?).")
+    return total
+
+
+def extract_zip(path: str, dest: str, what: str = "Extracting", max_bytes: Optional[int] = None,
+                max_ratio: Optional[float] = None) -> List[str]:
     """Extract ``path`` into the existing folder ``dest``; return the member paths written.
 
     Folders and files first, each opened with ``O_NOFOLLOW | O_EXCL`` (never through a link, never twice),
     then the links; once all exist, every link must resolve inside ``dest``. Checking each link only when
     it is made is not enough: a link through a name that a later link fills in changes meaning.
+    ``max_bytes`` / ``max_ratio`` bound what it expands to (see :func:`check_expansion`).
     """
     dest_real = os.path.realpath(dest)
     written: List[str] = []
@@ -62,6 +79,7 @@ def extract_zip(path: str, dest: str, what: str = "Extracting") -> List[str]:
         infos = zf.infolist()
         for info in infos:
             _safe_member_path(info.filename, path)  # validate every name before writing anything
+        check_expansion(infos, path, max_bytes, max_ratio)
         try:
             for info in infos:
                 rel = _safe_member_path(info.filename, path)

@@ -6,10 +6,17 @@ with every other process) and trusts that the first member is the folder. Here e
 extracted once, into a folder named after the zip file itself (two zips with the same inner folder
 never collide), staged and published atomically, and the checkpoint is found by looking for
 ``pickled_data`` rather than by member order.
+
+A download is checked to be a checkpoint before it is published (:func:`checkpoint_format`): a zip of
+a OneFlow checkpoint folder, a PyTorch file (zip or legacy pickle) or a safetensors file. An HTML
+error page or a truncated zip is refused with what was received, and nothing is cached. OneFlow's
+``flow.load`` hands any single file to ``torch.load``, which unpickles it (runs its code), so
+:func:`load_checkpoint` never gives it one outside a sandboxed worker.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -21,15 +28,128 @@ from urllib.parse import urlparse
 
 from flowhub import archive, store
 from flowhub.download import download
-from flowhub.errors import ArchiveError, OfflineError
+from flowhub.errors import ArchiveError, CheckpointFormatError, OfflineError
 from flowhub.network import HttpClient
 from flowhub.settings import ENV_OFFLINE
 
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 EXTRACTED_SUFFIX = ".extracted"
+#: ``<hub>/checkpoints/<this>/``: weights fetched for sandboxed workers, apart from the files trusted
+#: loads use (an untrusted hubconf must not plant a checkpoint under a name they would load).
+SANDBOXED_DIR = ".sandboxed"
 _MARKER = store.META_DIR + "-complete.json"  # inside ``<zip>.extracted/``, written last
 # What a zip that cannot be extracted raises (zipfile lets zlib's and some others through).
 _BAD_ZIP = (ArchiveError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+#: The pickled magic number that opens a legacy (non-zip) ``torch.save`` file, after the protocol (and frame).
+_TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+_TORCH_ZIP_RECORD = re.compile(r"^[^/]+/data\.pkl$")
+_ONEFLOW_MARKERS = ("pickled_data", "snapshot_done")  # flow.save's pickle; the legacy format's last file
+_MAX_SAFETENSORS_HEADER = 100 << 20  # what safetensors itself accepts
+FORMATS = {
+    "oneflow-zip": "a zip of a OneFlow checkpoint folder",
+    "torch-zip": "a PyTorch checkpoint (zip format)",
+    "torch-legacy": "a PyTorch checkpoint (legacy pickle format)",
+    "safetensors": "a safetensors file",
+}
+_EXPECTED = ("a zip of a OneFlow checkpoint folder (flow.save's folder, with pickled_data), a PyTorch .pth "
+             "(a zip with <name>/data.pkl, or a legacy pickle) or a .safetensors file")
+
+
+def check_file_name(name: Any, what: str = "file_name") -> str:
+    """``name`` if it can name a file inside the checkpoints folder, else ``ValueError``."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0") \
+            or len(name.encode("utf-8", "surrogateescape")) > 255 or name == store.META_DIR \
+            or name.endswith(EXTRACTED_SUFFIX):
+        raise ValueError(
+            f"{what}={name!r:.120} is not a plain file name. It names the file inside the checkpoints folder "
+            f"(model_dir), so it may not be empty, '.' or '..', contain '/', '\\' or NUL, be longer than 255 "
+            f"bytes, be {store.META_DIR!r} or end with {EXTRACTED_SUFFIX!r}. To keep the file elsewhere, choose "
+            "its folder instead (model_dir=..., or --model-dir / -o on the command line).")
+    return name
+
+
+def _zip_format(path: str) -> Optional[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n.replace("\\", "/") for n in zf.namelist()]
+    except (OSError, *_BAD_ZIP):
+        return None
+    if any(not n.endswith("/") and n.rsplit("/", 1)[-1] in _ONEFLOW_MARKERS for n in names):
+        return "oneflow-zip"
+    if any(_TORCH_ZIP_RECORD.match(n) for n in names):
+        return "torch-zip"
+    return None
+
+
+def _is_safetensors(f: Any, size: int) -> bool:
+    """An 8-byte header length, a JSON header of tensors, and data that their offsets cover exactly."""
+    length = int.from_bytes(f.read(8), "little")
+    if not 2 <= length <= min(_MAX_SAFETENSORS_HEADER, size - 8):
+        return False
+    raw = f.read(length)
+    if not raw.startswith(b"{"):
+        return False
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        return False
+    if not isinstance(header, dict):
+        return False
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            return False
+        end = max(end, offsets[1])
+    return end == size - 8 - length
+
+
+def checkpoint_format(path: str) -> Optional[str]:
+    """Which known format the file ``path`` is in (a key of :data:`FORMATS`), or None; reads only its
+    first bytes, a zip's member list or a safetensors header, never runs anything in it."""
+    if zipfile.is_zipfile(path):
+        return _zip_format(path)
+    with open(path, "rb") as f:
+        head = f.read(32)
+        if head.startswith(b"\x80") and _TORCH_LEGACY_MAGIC in head:
+            return "torch-legacy"
+        f.seek(0)
+        if _is_safetensors(f, os.fstat(f.fileno()).st_size):
+            return "safetensors"
+    return None
+
+
+def _received(path: str, content_type: Optional[str] = None) -> str:
+    """What ``path`` holds, for an error message: size, content type, first bytes and a guess."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(48)
+    start = head.lstrip().lower()
+    if (content_type or "").lower().startswith(("text/html", "application/xhtml")) \
+            or start.startswith((b"<!doctype", b"<html", b"<head", b"<body")):
+        guess = "an HTML page (an error or login page, or a wrong URL?)"
+    elif head.startswith(b"PK"):
+        guess = "a zip holding neither a OneFlow checkpoint folder nor a PyTorch checkpoint" \
+            if zipfile.is_zipfile(path) else "a truncated or corrupt zip"
+    elif size == 0:
+        guess = "an empty file"
+    else:
+        guess = "no checkpoint format flowhub knows"
+    return (f"{size} bytes" + (f" of {content_type}" if content_type else "")
+            + (f" starting {head!r}" if head else "") + f": {guess}")
+
+
+def _validator(url: str) -> Callable[[str, Optional[str]], None]:
+    """The check a weight download must pass before it is published in the cache."""
+    def validate(path: str, content_type: Optional[str]) -> None:
+        if checkpoint_format(path) is None:
+            raise CheckpointFormatError(
+                f"Downloading {url}: it is not a checkpoint. Received {_received(path, content_type)}. "
+                f"Expected {_EXPECTED}. Nothing was cached; the next call downloads it again.")
+    return validate
 
 
 def file_record_path(model_dir: str, filename: str) -> str:
@@ -45,20 +165,36 @@ def _cached_file_ok(model_dir: str, filename: str) -> bool:
     return not (isinstance(record, dict) and record.get("size") not in (None, os.path.getsize(path)))
 
 
+def _cached_checkpoint_ok(model_dir: str, filename: str) -> bool:
+    """:func:`_cached_file_ok`, and the file is a checkpoint (one cached before formats were checked, an
+    HTML page or a truncated zip, is downloaded again instead of failing on every call)."""
+    if not _cached_file_ok(model_dir, filename):
+        return False
+    try:
+        return checkpoint_format(os.path.join(model_dir, filename)) is not None
+    except OSError:
+        return False
+
+
 def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: bool = True,
                   check_hash: bool = False, file_name: Optional[str] = None,
                   refresh: Optional[Callable[[str], bool]] = None) -> str:
     """Return the path of the cached file for ``url``, downloading it once (under a lock) if needed.
 
-    ``refresh(path)`` returning True forces a new download of a cached file (``force_reload``).
+    ``refresh(path)`` returning True forces a new download of a cached file (``force_reload``). The
+    download must be a checkpoint (:func:`checkpoint_format`), or nothing is cached.
     """
+    if file_name is not None:
+        filename = check_file_name(file_name)
+    else:
+        try:
+            filename = check_file_name(os.path.basename(urlparse(url).path), "the name from the URL")
+        except ValueError:
+            raise ValueError(f"Cannot name the file for {url!r:.200} from its path: pass file_name=...") from None
     os.makedirs(model_dir, exist_ok=True)
-    filename = file_name or os.path.basename(urlparse(url).path)
-    if not filename:
-        raise ValueError(f"Cannot name the file for {url!r}: pass file_name=...")
     cached = os.path.join(model_dir, filename)
     force = bool(refresh and os.path.exists(cached) and refresh(cached))
-    if not force and _cached_file_ok(model_dir, filename):
+    if not force and _cached_checkpoint_ok(model_dir, filename):
         store.touch(file_record_path(model_dir, filename))
         return cached
     if client.settings.offline:
@@ -70,10 +206,10 @@ def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: boo
         hash_prefix = match.group(1) if match else None
     lock = os.path.join(store.meta_dir(model_dir, "locks"), store.lock_name(filename))
     with store.entry_lock(lock, client.settings.lock_timeout, f"downloading {filename}"):
-        if not force and _cached_file_ok(model_dir, filename):
+        if not force and _cached_checkpoint_ok(model_dir, filename):
             return cached
         sys.stderr.write(f'Downloading: "{url}" to {cached}\n')
-        result = download(client, url, cached, hash_prefix=hash_prefix, progress=progress)
+        result = download(client, url, cached, hash_prefix=hash_prefix, progress=progress, validate=_validator(url))
         try:
             store.write_json_atomic(file_record_path(model_dir, filename), {
                 "url": url, "size": result.size, "sha256": result.sha256, "etag": result.etag,
@@ -219,12 +355,36 @@ def _remap(obj: Any, map_location: Any) -> Any:
     return obj
 
 
+def _in_sandbox() -> bool:
+    from flowhub.worker import sandbox_child
+
+    return sandbox_child.channel() is not None
+
+
 def load_checkpoint(path: str, map_location: Any = None, lock_timeout: float = 600.0) -> Any:
-    """``oneflow.load`` a cached weight file, extracting it first if it is a zipped checkpoint folder."""
+    """``oneflow.load`` a checkpoint folder, or a zip of one (extracted once first).
+
+    This is ``load_state_dict_from_url`` / ``load_weights`` without ``weights_only``: the folder's
+    ``pickled_data`` is unpickled here, as the reference does, so use it for checkpoints you trust.
+    A *single file* is never handed to ``oneflow.load`` outside a sandboxed worker, whatever its
+    origin: OneFlow passes it to ``torch.load``, which unpickles it (runs any code it holds) and fails
+    without torch (the old "No module named 'torch'"). PyTorch, safetensors and unknown files raise
+    :class:`~flowhub.errors.CheckpointFormatError` instead; with ``weights_only=True`` the file is
+    loaded in a sandboxed worker.
+    """
     import oneflow as flow
 
-    if zipfile.is_zipfile(path):
-        path = extracted_checkpoint(path, lock_timeout)
+    if not os.path.isdir(path):
+        kind = checkpoint_format(path)
+        if kind == "oneflow-zip":
+            path = extracted_checkpoint(path, lock_timeout)
+        elif not _in_sandbox():
+            what = f"is {FORMATS[kind]}" if kind else f"is not a checkpoint ({_received(path)})"
+            raise CheckpointFormatError(
+                f"{path} {what}. OneFlow would hand this single file to torch.load, which unpickles it (running "
+                "any code it holds) in this process and needs torch; flowhub does not do that outside a sandbox. "
+                "Load it with weights_only=True (in a sandboxed worker), or save it as a OneFlow checkpoint "
+                "(oneflow.save) and zip that folder.")
     if map_location is None or isinstance(map_location, (str, flow.device, flow.placement)):
         return flow.load(path, map_location=map_location)
     return _remap(flow.load(path, map_location="cpu"), map_location)

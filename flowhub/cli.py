@@ -209,11 +209,14 @@ def doctor_info(hub_dir: Optional[str] = None) -> Dict[str, Any]:
 
     hub = Hub(hub_dir=hub_dir)
     settings = hub.settings()
-    report = sandbox.probe()
     try:
-        limits: Any = dict(vars(Limits.from_env()))
+        worker_limits: Optional[Limits] = Limits.from_env()
+        limits: Any = worker_limits.describe()
     except ValueError as exc:
-        limits = f"invalid: {exc}"
+        worker_limits, limits = None, f"invalid: {exc}"
+    # the very policy a sandboxed worker gets (limits included), applied in a throwaway child
+    options = worker_limits.policy_options() if worker_limits is not None else {}
+    report = sandbox.probe(sandbox.SandboxPolicy.for_worker(settings.hub_dir, "/nonexistent-scratch", **options))
     return {"flowhub": flowhub.__version__, "python": platform.python_version(), "executable": sys.executable,
             "oneflow": oneflow_version(), "platform": platform.platform(), "uid": os.getuid(),
             "hub_dir": settings.hub_dir, "mode": settings.mode, "sandbox_enabled": settings.sandbox,
@@ -227,10 +230,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     for key in ("flowhub", "python", "executable", "oneflow", "platform", "uid", "hub_dir", "mode",
-                "sandbox_enabled", "sandbox_limits"):
+                "sandbox_enabled"):
         print(f"{key + ':':<17} {info[key]}")
+    limits = info["sandbox_limits"]
+    if isinstance(limits, dict):
+        print("sandbox limits (per worker; value, then how it is enforced):")
+        width = max(len(k) for k in limits)
+        for name, text in limits.items():
+            print(f"  {name:<{width}}  {text}")
+    else:
+        print(f"sandbox limits:   {limits}")
     print(info["report"])
     return 0
+
+
+def _file_name(text: str) -> str:
+    from flowhub.checkpoints import check_file_name
+
+    return check_file_name(text, "--file-name")
 
 
 def _argtype(parse):
@@ -351,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("-o", "--output", help="write to this path instead of the checkpoints cache")
     p.add_argument("--model-dir", help="cache folder (default <hub>/checkpoints)")
-    p.add_argument("--file-name", help="name of the cached file (default: from the URL)")
+    p.add_argument("--file-name", type=_argtype(_file_name),
+                   help="name of the cached file, without any folder (default: from the URL)")
     p.add_argument("--check-hash", action="store_true", help="verify the hash prefix in the file name")
     p.add_argument("--hash-prefix", help="expected SHA-256 prefix (with --output)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -4,8 +4,9 @@ Bytes go to ``<dst>.<random>.partial`` in the destination folder (so the final r
 the file gets the umask's permissions), in 1 MiB chunks, with SHA-256 computed as they arrive. A
 dropped connection is resumed with a ``Range`` request that is validated (206, matching
 ``Content-Range``, same ``ETag``); a 200 answer to it restarts cleanly. The size is checked against
-``Content-Length`` and the hash against what the caller expects before ``os.replace`` publishes the
-file. On any failure the temp file is removed, so nothing half-written is ever mistaken for a file.
+``Content-Length``, the hash against what the caller expects, and the content by the caller's
+``validate`` hook (e.g. "is this a checkpoint?") before ``os.replace`` publishes the file. On any
+failure the temp file is removed, so nothing half-written or unwanted is ever mistaken for a file.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import re
 import sys
 import uuid
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Callable, Optional
 
 import requests
 import urllib3
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from flowhub.errors import HashMismatchError, IncompleteDownloadError, NetworkError
 from flowhub.network import HttpClient, check_status, network_error
+from flowhub.urls import http_origin
 
 CHUNK_SIZE = 1 << 20
 MAX_RESUMES = 20
@@ -41,6 +43,10 @@ class DownloadResult:
     etag: Optional[str]
 
 
+#: ``validate(temp_path, content_type)``: raise to refuse a finished download (nothing is published).
+Validator = Callable[[str, Optional[str]], None]
+
+
 def temp_path_for(dst: str) -> str:
     """A unique temp name beside ``dst`` (same filesystem, so publishing is one atomic rename)."""
     return f"{dst}.{uuid.uuid4().hex[:12]}.partial"
@@ -57,6 +63,7 @@ class _Transfer:
         self.written = 0
         self.total: Optional[int] = None
         self.etag: Optional[str] = None
+        self.content_type: Optional[str] = None
         self.progress = progress
         self.desc = desc
         self.bar: Optional[tqdm] = None  # created once the size is known
@@ -100,6 +107,7 @@ class _Transfer:
         length = response.headers.get("Content-Length")
         self.total = int(length) if length is not None and response.status_code == 200 else None
         self.etag = response.headers.get("ETag")
+        self.content_type = response.headers.get("Content-Type")
         self.show_total()
         return response
 
@@ -147,12 +155,15 @@ class _Transfer:
 
 
 def download(client: HttpClient, url: str, dst: str, *, hash_prefix: Optional[str] = None,
-             progress: bool = True, desc: Optional[str] = None) -> DownloadResult:
-    """Download ``url`` to ``dst`` atomically; resume on dropped connections; verify size and hash.
+             progress: bool = True, desc: Optional[str] = None,
+             validate: Optional[Validator] = None) -> DownloadResult:
+    """Download ``url`` to ``dst`` atomically; resume on dropped connections; verify size, hash and,
+    with ``validate``, the content (it gets the temp file and the server's ``Content-Type``).
 
     ``TQDM_DISABLE=1`` in the environment turns the progress bar off whatever ``progress`` says
     (``flowhub -q`` sets it, so a hubconf's own ``progress=True`` downloads are quiet too).
     """
+    http_origin(url)  # ValueError, before any file is created, for anything but http(s)
     client.check_online(f"Downloading {url}")
     progress = progress and os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("1", "true", "yes")
     dst = os.path.abspath(os.path.expanduser(dst))
@@ -169,6 +180,8 @@ def download(client: HttpClient, url: str, dst: str, *, hash_prefix: Optional[st
             raise HashMismatchError(
                 f'invalid hash value (expected "{hash_prefix}", got "{digest}") for {url}; '
                 "the file was not saved. The server's copy may be corrupt or the expected hash outdated.")
+        if validate is not None:
+            validate(tmp, transfer.content_type)
         os.replace(tmp, dst)
         return DownloadResult(dst, transfer.written, digest, transfer.etag)
     finally:

@@ -114,3 +114,9 @@ class StaleProxyError(ProxyError):
 class WeightsOnlyError(FlowhubError, pickle.UnpicklingError):
     """A checkpoint loaded with ``weights_only=True`` holds more than tensors and plain values, or
     could not be loaded in its sandboxed worker (``pickle.UnpicklingError``, as torch raises)."""
+
+
+# -- checkpoint formats -------------------------------------------------------------------------
+class CheckpointFormatError(IntegrityError):
+    """A weight file is not a checkpoint flowhub knows (an HTML page, a truncated zip, ...), or is a
+    single-file checkpoint that only ``torch.load`` (which unpickles it) could read in this process."""

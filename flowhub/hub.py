@@ -36,7 +36,8 @@ class Hub:
         timeout: seconds one request may wait for the server (``FLOWHUB_TIMEOUT``, default 10).
         retries: retries of a failed request (``FLOWHUB_RETRIES``, default 2).
         lock_timeout: seconds to wait for another process's download before going on (``FLOWHUB_LOCK_TIMEOUT``).
-        mode: ``"inprocess"``, ``"rebuild"`` or ``"proxy"`` (``FLOWHUB_MODE``).
+        mode: ``"inprocess"``, ``"rebuild"`` or ``"proxy"`` (``FLOWHUB_MODE``; default ``"rebuild"``, and
+            ``"proxy"`` with a sandbox: ``"rebuild"`` there must be asked for, and warns).
         worker_timeout: seconds one call into a worker may take (``FLOWHUB_WORKER_TIMEOUT``).
         sandbox: run hubconfs in sandboxed workers (``FLOWHUB_SANDBOX``): no network (the caller downloads
             their weights), no token, read-only repo and cache, writes only to a scratch folder, memory and
@@ -189,6 +190,12 @@ class Hub:
             raise ValueError('sandbox=True (FLOWHUB_SANDBOX) needs a worker: use mode="proxy" or "rebuild", '
                              'not "inprocess"')
         mode = "proxy" if settings.sandbox and op != "load" else settings.mode  # JSON-only replies
+        if settings.sandbox and mode == "rebuild":
+            warnings.warn(
+                f"{label}: sandbox=True with mode='rebuild' rebuilds the sandboxed repository's result in this "
+                "process: its pickled classes and their methods (forward included) run here, outside the sandbox. "
+                "Use it only for repositories you trust; the sandbox's default, mode='proxy', keeps the result "
+                "in the worker.", stacklevel=3)
         if settings.mode == "inprocess":
             with api.serving(self, refresh_weights, expected) as used:
                 try:

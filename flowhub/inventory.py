@@ -11,7 +11,7 @@ import time
 from typing import Iterable, List, Optional
 
 from flowhub import repos, store
-from flowhub.checkpoints import EXTRACTED_SUFFIX, file_record_path, file_sha256
+from flowhub.checkpoints import EXTRACTED_SUFFIX, SANDBOXED_DIR, file_record_path, file_sha256
 
 STALE_TEMP_SECONDS = 3600.0
 
@@ -69,8 +69,12 @@ def scan(hub_dir: str) -> List[Entry]:
         source = f"{record['repo']}:{record['ref']}" if record.get("repo") else ""
         entries.append(Entry("repo", name, path, _tree_size(path),
                              _mtime(path, repos.entry_record_path(hub_dir, name)), source, record.get("sha") or ""))
-    model_dir = os.path.join(hub_dir, "checkpoints")
-    if os.path.isdir(model_dir):
+    checkpoints = os.path.join(hub_dir, "checkpoints")
+    # weights fetched for sandboxed workers live apart (see flowhub.worker.sandbox_host): listed as
+    # ".sandboxed/<file>", so they are counted, verified and pruned like the rest
+    for model_dir, prefix in ((checkpoints, ""), (os.path.join(checkpoints, SANDBOXED_DIR), SANDBOXED_DIR + "/")):
+        if not os.path.isdir(model_dir):
+            continue
         for name in sorted(os.listdir(model_dir)):
             path = os.path.join(model_dir, name)
             if name.startswith(".") or name.endswith((EXTRACTED_SUFFIX, ".partial")) or not os.path.isfile(path):
@@ -78,7 +82,7 @@ def scan(hub_dir: str) -> List[Entry]:
             record = store.read_json(file_record_path(model_dir, name)) or {}
             extracted = path + EXTRACTED_SUFFIX
             size = _tree_size(path) + (_tree_size(extracted) if os.path.isdir(extracted) else 0)
-            entries.append(Entry("weights", name, path, size, _mtime(path, file_record_path(model_dir, name)),
+            entries.append(Entry("weights", prefix + name, path, size, _mtime(path, file_record_path(model_dir, name)),
                                  record.get("url", ""), record.get("sha256", "")))
     return entries
 
@@ -88,7 +92,7 @@ def verify(hub_dir: str, entries: Optional[Iterable[Entry]] = None) -> List[Entr
     checked = list(entries if entries is not None else scan(hub_dir))
     for entry in checked:
         if entry.kind == "weights":
-            record = store.read_json(file_record_path(os.path.dirname(entry.path), entry.name)) or {}
+            record = store.read_json(file_record_path(os.path.dirname(entry.path), os.path.basename(entry.path))) or {}
             size = os.path.getsize(entry.path)
             if record.get("size") is not None and record["size"] != size:
                 entry.problem = f"size {size} differs from the {record['size']} bytes downloaded"
@@ -116,7 +120,7 @@ def remove(hub_dir: str, entry: Entry) -> None:
         model_dir = os.path.dirname(entry.path)
         store.remove_tree(entry.path + EXTRACTED_SUFFIX)
         store.remove_tree(entry.path)
-        store.remove_tree(file_record_path(model_dir, entry.name))
+        store.remove_tree(file_record_path(model_dir, os.path.basename(entry.path)))
 
 
 def select_for_pruning(entries: List[Entry], older_than: Optional[float] = None,

@@ -4,26 +4,29 @@ Every request goes through :meth:`HttpClient.get`, which
 - refuses to open a socket when offline mode is on,
 - uses a (connect, read) timeout of ``FLOWHUB_TIMEOUT`` seconds,
 - retries connection errors, 408, 429 and 5xx with jittered backoff, honouring Retry-After,
-- sends ``GITHUB_TOKEN`` only to the configured API host, and retries once without it on 401/403.
+- sends ``GITHUB_TOKEN`` only to the configured API host, and retries once without it on 401/403,
+- fetches http(s) URLs only, and follows redirects itself (at most ``MAX_REDIRECTS``), so that a
+  client's ``allow_url`` check sees the first URL and every redirect hop before anything connects.
 """
 from __future__ import annotations
 
 import os
 import threading
 import warnings
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from flowhub import __version__
+from flowhub import __version__, urls
 from flowhub.errors import HTTPStatusError, NetworkError, OfflineError, RateLimitError, RequestTimeoutError
 from flowhub.settings import ENV_OFFLINE, ENV_TIMEOUT, Settings
 
 USER_AGENT = f"flowhub/{__version__} (oneflow.hub compatible)"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_REDIRECTS = requests.models.DEFAULT_REDIRECT_LIMIT  # 30, as requests
 _local = threading.local()
 
 
@@ -77,10 +80,15 @@ def is_rate_limited(response: requests.Response) -> bool:
 
 
 class HttpClient:
-    """HTTP GETs under one :class:`~flowhub.settings.Settings`."""
+    """HTTP GETs under one :class:`~flowhub.settings.Settings`.
 
-    def __init__(self, settings: Settings) -> None:
+    ``allow_url(url)``, if given, is called with the first URL of every request and with each redirect
+    target before it is requested; it raises (e.g. ``PermissionError``) to refuse one.
+    """
+
+    def __init__(self, settings: Settings, allow_url: Optional[Callable[[str], None]] = None) -> None:
         self.settings = settings
+        self.allow_url = allow_url
 
     @property
     def timeout(self) -> Tuple[float, float]:
@@ -97,6 +105,7 @@ class HttpClient:
     def get(self, url: str, *, what: str, stream: bool = False,
             headers: Optional[Mapping[str, str]] = None, allow_redirects: bool = True) -> requests.Response:
         """GET ``url``; ``what`` names the purpose in error messages. HTTP error statuses are returned, not raised."""
+        self.check_url(url, what)
         self.check_online(what)
         request_headers = dict(headers or {})
         token = self.settings.github_token
@@ -120,11 +129,37 @@ class HttpClient:
                 "for a higher limit, or pass skip_validation=True to skip the API calls that check the ref.")
         return response
 
+    def check_url(self, url: str, what: str) -> None:
+        """Raise ``ValueError`` unless ``url`` is http(s), then apply ``allow_url``."""
+        try:
+            urls.http_origin(url)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+        if self.allow_url is not None:
+            self.allow_url(url)
+
     def _send(self, url: str, what: str, stream: bool, headers: Dict[str, str], allow_redirects: bool) -> requests.Response:
         session = session_for(self.settings.retries)
         try:
-            return session.get(url, stream=stream, headers=headers, timeout=self.timeout,
-                               allow_redirects=allow_redirects)
+            response = session.get(url, stream=stream, headers=headers, timeout=self.timeout, allow_redirects=False)
+            hops = 0
+            while allow_redirects and response.is_redirect and response.next is not None:
+                # ``next`` is the request requests would send (Authorization dropped on a new host, the
+                # method rewritten, Range kept): check its URL, as requests will connect with it.
+                hop = response.next
+                response.close()
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    raise NetworkError(f"{what}: more than {MAX_REDIRECTS} redirects, starting from {url}.")
+                try:
+                    urls.http_origin(hop.url)
+                    if self.allow_url is not None:
+                        self.allow_url(hop.url)
+                except (PermissionError, ValueError) as exc:
+                    raise type(exc)(f"{what}: {response.url} redirected to {hop.url!r:.200}: {exc}") from None
+                env = session.merge_environment_settings(hop.url, {}, stream, None, None)
+                response = session.send(hop, timeout=self.timeout, allow_redirects=False, **env)
+            return response
         except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as exc:
             raise network_error(what, url, exc, self.settings) from exc
 

@@ -5,6 +5,11 @@ entrypoint and its arguments, every weight file used (URL, size, SHA-256), and t
 oneflow versions. ``Hub(lockfile="flowhub.lock")`` writes the first resolution of each repo spec
 and each weight file's hash to a JSON file, and from then on loads exactly those commits and
 verifies exactly those hashes, failing on any drift, offline or not.
+
+A pinned commit is trusted no more than a commit SHA written in the ref: before it is first fetched
+it must be on a branch or tag of the named repo (:func:`flowhub.repos.check_ref`), so a lockfile
+cannot smuggle in a commit that only exists in a fork (``skip_validation=True`` skips the check).
+A pin must be a full 40-hex-digit SHA.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from flowhub import __version__, store
 from flowhub.errors import IntegrityError
+from flowhub.github import is_full_sha
 from flowhub.spec import RepoSpec
 
 LOCKFILE_VERSION = 1
@@ -92,8 +98,17 @@ class Lockfile:
         return data
 
     def pinned_sha(self, spec: RepoSpec) -> Optional[str]:
-        entry = self.read()["repos"].get(lock_key(spec))
-        return entry.get("sha") if entry else None
+        """The commit SHA pinned for ``spec``, or None; a pin that is not a full commit SHA is refused."""
+        key = lock_key(spec)
+        entry = self.read()["repos"].get(key)
+        if entry is None:
+            return None
+        sha = entry.get("sha") if isinstance(entry, dict) else None
+        if not is_full_sha(sha):
+            raise LockfileDriftError(
+                f"{self.path} pins {sha!r} for {key}, which is not a full 40-hex-digit commit SHA. Fix that entry, "
+                "or delete it and load again to pin the current commit.")
+        return sha
 
     def expected_weights(self) -> Dict[str, Dict[str, Any]]:
         return self.read()["weights"]

@@ -4,12 +4,16 @@ Layout (the reference's, so an existing oneflow.hub cache keeps working)::
 
     <hub>/<owner>_<repo>_<ref with / as _>/    the extracted repository
     <hub>/trusted_list
-    <hub>/.flowhub/refs/<owner>_<repo>.json     default branch and the commit SHA each ref resolved to
+    <hub>/.flowhub/refs/<owner>_<repo>.json     default branch, the commit SHA each ref resolved to, and the
+                                                commits checked to be on a branch or tag of the repo
     <hub>/.flowhub/entries/<folder>.json        completion record of a checkout (written last)
     <hub>/.flowhub/locks/, tmp/, trash/         locks, staging folders, replaced folders
 
 A cache hit makes no network request: with an explicit ref, and without one once the default branch
-has been remembered on disk.
+has been remembered on disk. A download first checks the ref (:func:`flowhub.github.validate_ref`)
+unless ``skip_validation``, then fetches the archive by the commit SHA the check found, so what is
+published is exactly the commit that was checked. A commit SHA checked once is remembered, so
+fetching it again (``force_reload``, another folder, a lockfile pin) needs no request.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ class Checkout:
 
 
 class RefIndex:
-    """``<hub>/.flowhub/refs/<owner>_<repo>.json``: the remembered default branch and ref → SHA."""
+    """``<hub>/.flowhub/refs/<owner>_<repo>.json``: the remembered default branch, ref → SHA, and the
+    commit SHAs checked to be on a branch or tag of the repo (``validated``: SHA → the branch or tag)."""
 
     def __init__(self, hub_dir: str, spec: RepoSpec) -> None:
         self.path = os.path.join(hub_dir, store.META_DIR, "refs", store.lock_name(spec.key)[:-5] + ".json")
@@ -54,15 +59,31 @@ class RefIndex:
     def sha(self, ref: str) -> Optional[str]:
         return (self.load().get("refs") or {}).get(ref, {}).get("sha")
 
+    def validated(self, ref: str) -> Optional[github.ResolvedRef]:
+        """Commit ref ``ref`` as checked before: itself, or the one checked SHA it abbreviates; else None."""
+        validated = self.load().get("validated")
+        if not isinstance(validated, dict):
+            return None
+        matches = [sha for sha in validated if github.is_full_sha(sha) and sha.startswith(ref)]
+        if len(matches) != 1:
+            return None
+        via = (validated[matches[0]] or {}).get("via") if isinstance(validated[matches[0]], dict) else None
+        return github.ResolvedRef(matches[0], via if isinstance(via, str) else "?")
+
     def update(self, *, default_branch: Optional[str] = None, ref: Optional[str] = None,
-               sha: Optional[str] = None) -> None:
-        """Best effort: a read-only or contended cache must not make a load fail."""
+               sha: Optional[str] = None, validated_via: Optional[str] = None) -> None:
+        """Best effort: a read-only or contended cache must not make a load fail.
+
+        ``validated_via`` (the branch or tag found to hold ``sha``) records that ``sha`` passed the ref check.
+        """
         try:
             data = self.load()
             if default_branch:
                 data["default_branch"] = default_branch
             if ref and sha:
                 data.setdefault("refs", {})[ref] = {"sha": sha, "resolved_at": time.time()}
+            if sha and validated_via:
+                data.setdefault("validated", {})[sha] = {"via": validated_via, "validated_at": time.time()}
             store.write_json_atomic(self.path, data)
         except OSError:
             pass
@@ -116,13 +137,35 @@ def _folder_sha(hub_dir: str, path: str) -> Optional[str]:
     return record.get("sha")
 
 
+def check_ref(client: HttpClient, index: RefIndex, spec: RepoSpec, ref: str) -> github.ResolvedRef:
+    """The full commit SHA ``ref`` names, checked to be on a branch or tag of the repo.
+
+    A commit SHA checked before (recorded in ``index``) costs no request; branch and tag names are
+    always looked up, since they move. Raises :class:`ResolveError` (a ``ValueError``) otherwise.
+    """
+    if github.is_commit_ref(ref):
+        known = index.validated(ref)
+        if known:
+            return known
+    resolved = github.validate_ref(client, spec, ref)
+    if resolved.ambiguous:
+        warnings.warn(_AMBIGUOUS.format(ref), stacklevel=3)
+    return resolved
+
+
+_AMBIGUOUS = ("The ref {0} is ambiguous. Perhaps it is both a tag and a branch in the repo? "
+              "flowhub will now assume that it's a branch. You can disambiguate tags and branches "
+              "by explicitly passing refs/heads/<ref> or refs/tags/<ref>.")
+
+
 def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = False, skip_validation: bool = False,
                  trust_repo: trust.TrustArg = None, calling_fn: str = "load", verbose: bool = True,
                  pinned_sha: Optional[str] = None, untrusted_ok: bool = False) -> Checkout:
     """Return the cached checkout of ``spec``, downloading and publishing it first if needed.
 
     With ``pinned_sha`` (from a lockfile) the result is exactly that commit: the ref's folder if it
-    holds that commit, else a folder named after the SHA, fetched by SHA without the ref check.
+    holds that commit, else a folder named after the SHA, fetched by SHA after the same check as a
+    SHA ref (a lockfile cannot pin a commit that only exists in a fork, unless ``skip_validation``).
     ``untrusted_ok``: see :func:`flowhub.trust.check_trust` (a sandboxed call).
     """
     hub_dir = client.settings.hub_dir
@@ -137,7 +180,7 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
         if existing and not force_reload and _is_complete(hub_dir, existing) \
                 and _folder_sha(hub_dir, existing) == pinned_sha:
             return Checkout(existing, spec.with_ref(ref), pinned_sha)
-        ref, skip_validation = pinned_sha, True
+        ref = pinned_sha
     spec = spec.with_ref(ref)
 
     folder = spec.dir_name(ref)
@@ -158,28 +201,30 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
         existing = store.find_case_insensitive(hub_dir, folder)
         if existing and not force_reload and _is_complete(hub_dir, existing):  # fetched while we waited
             return Checkout(existing, spec, _folder_sha(hub_dir, existing) or index.sha(ref))
-        sha = None if skip_validation else github.validate_ref(client, spec, ref)
+        checked = None if skip_validation else check_ref(client, index, spec, ref)
         final = existing or os.path.join(hub_dir, folder)
-        sha = _fetch_and_publish(client, spec, ref, final, replace=bool(existing), expected_sha=pinned_sha) or sha
-    index.update(ref=ref, sha=sha)
+        sha = _fetch_and_publish(client, spec, ref, final, replace=bool(existing),
+                                 checked_sha=checked.sha if checked else None, pinned_sha=pinned_sha)
+        sha = sha or (checked.sha if checked else None)
+    index.update(ref=ref, sha=sha, validated_via=checked.via if checked else None)
     return Checkout(final, spec, sha)
 
 
 def _fetch_and_publish(client: HttpClient, spec: RepoSpec, ref: str, final: str, replace: bool,
-                       expected_sha: Optional[str] = None) -> Optional[str]:
+                       checked_sha: Optional[str] = None, pinned_sha: Optional[str] = None) -> Optional[str]:
+    """Download the archive (by ``checked_sha`` when the ref was checked, else by ``ref``), verify the commit
+    it says it is, extract it and publish it as ``final``; return the archive's commit SHA."""
     hub_dir = client.settings.hub_dir
     stage = store.staging_dir(hub_dir)
     try:
         zip_path = os.path.join(stage, "archive.zip")
-        url = github.archive_url(client, spec, ref)
+        url = github.archive_url(client, spec, checked_sha or ref)
         sys.stderr.write(f'Downloading: "{url}" to {zip_path}\n')
         try:
             download(client, url, zip_path, progress=False)
         except HTTPStatusError as exc:
-            if exc.status == 300:
-                warnings.warn("The ref {0} is ambiguous. Perhaps it is both a tag and a branch in the repo? "
-                              "flowhub will now assume that it's a branch. You can disambiguate tags and branches "
-                              "by explicitly passing refs/heads/<ref> or refs/tags/<ref>.".format(ref))
+            if exc.status == 300 and not checked_sha:
+                warnings.warn(_AMBIGUOUS.format(ref))
                 download(client, github.archive_url(client, spec, "refs/heads/" + ref), zip_path, progress=False)
             elif exc.status == 404:
                 raise ResolveError(f"Cannot find {ref} in {github.repo_web_url(client, spec)} "
@@ -187,8 +232,12 @@ def _fetch_and_publish(client: HttpClient, spec: RepoSpec, ref: str, final: str,
             else:
                 raise
         sha = archive.commit_sha_of(zip_path)
-        if expected_sha and sha and sha != expected_sha:
-            raise LockfileDriftError(f"The archive of {spec} from {url} is commit {sha}, not the pinned {expected_sha}.")
+        if pinned_sha and sha and sha != pinned_sha:
+            raise LockfileDriftError(f"The archive of {spec} from {url} is commit {sha}, not the pinned {pinned_sha}.")
+        if checked_sha and sha and sha != checked_sha:
+            raise ArchiveError(f"The archive of {spec} from {url} is commit {sha}, not {checked_sha} that {ref} "
+                               "resolved to; refusing to use it. The server or a proxy served other content than asked: "
+                               "retry, or check FLOWHUB_GITHUB_URL.")
         extracted = os.path.join(stage, "x")
         os.makedirs(extracted)
         members = archive.extract_zip(zip_path, extracted, f"Extracting the archive of {spec}")

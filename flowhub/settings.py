@@ -6,6 +6,7 @@ Settings are read when a call is made, never frozen at import time: a user (or a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping, Optional
 
@@ -30,6 +31,7 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 2
 DEFAULT_LOCK_TIMEOUT = 600.0
 DEFAULT_MODE = "rebuild"
+SANDBOX_DEFAULT_MODE = "proxy"
 MODES = ("inprocess", "rebuild", "proxy")
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -61,6 +63,38 @@ def _env_float(env: Mapping[str, str], name: str, default: Optional[float]) -> O
     return value
 
 
+def _seconds(value: Any, name: str, env_name: str) -> float:
+    """``value`` (from ``Hub(name=...)`` or ``env_name``) as a positive, finite number of seconds."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{name}={value!r} is not a positive number of seconds; set Hub({name}=...) or "
+                         f"{env_name} to one, e.g. 10.")
+    return seconds
+
+
+def _optional_seconds(value: Any, name: str, env_name: str) -> Optional[float]:
+    return None if value is None else _seconds(value, name, env_name)
+
+
+def _retries(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise ValueError(f"retries={value!r} is not a whole number >= 0; set Hub(retries=...) or {ENV_RETRIES} "
+                         "to one, e.g. 2.")
+    return int(value)
+
+
+def _hub_dir(value: Any) -> str:
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else value
+    if not isinstance(path, str) or not path.strip() or "\0" in path:
+        raise ValueError(f"hub_dir={value!r} is not a folder: pass a path (Hub(hub_dir=...) or set_dir), or None "
+                         f"for the default (${ENV_ONEFLOW_HOME}/hub, ${ENV_XDG_CACHE_HOME}/oneflow/hub or "
+                         "~/.cache/oneflow/hub).")
+    return os.path.expanduser(path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The effective settings of one call: explicit ``Hub`` arguments over environment variables."""
@@ -90,7 +124,7 @@ _process_hub_dir: Optional[str] = None
 def set_process_hub_dir(path: Optional[str]) -> None:
     """``flowhub.set_dir``: the hub folder of every ``Hub`` in this process that was not given one."""
     global _process_hub_dir
-    _process_hub_dir = os.path.expanduser(path) if path is not None else None
+    _process_hub_dir = _hub_dir(path) if path is not None else None
 
 
 def default_hub_dir(env: Mapping[str, str]) -> str:
@@ -111,7 +145,10 @@ def resolve(overrides: Mapping[str, Any], env: Optional[Mapping[str, str]] = Non
         value = overrides.get(key)
         return from_env if value is None else value
 
-    mode = pick("mode", (env.get(ENV_MODE) or DEFAULT_MODE).strip().lower())
+    sandbox = bool(pick("sandbox", _env_bool(env, ENV_SANDBOX, False)))
+    # With a sandbox nothing the worker sends may be unpickled here unless asked for: proxy by default.
+    default_mode = SANDBOX_DEFAULT_MODE if sandbox else DEFAULT_MODE
+    mode = pick("mode", (env.get(ENV_MODE) or default_mode).strip().lower())
     if mode not in MODES:
         raise ValueError(f"Unknown flowhub mode {mode!r}; choose one of {', '.join(MODES)} "
                          f"(Hub(mode=...) or {ENV_MODE}).")
@@ -122,15 +159,17 @@ def resolve(overrides: Mapping[str, Any], env: Optional[Mapping[str, str]] = Non
         raise ValueError(f"{ENV_RETRIES}={retries_raw!r} is not an integer.") from None
     hub_dir = overrides.get("hub_dir")
     return Settings(
-        hub_dir=os.path.expanduser(str(hub_dir)) if hub_dir else default_hub_dir(env),
+        hub_dir=_hub_dir(hub_dir) if hub_dir is not None else default_hub_dir(env),
         github_url=str(pick("github_url", env.get(ENV_GITHUB_URL) or DEFAULT_GITHUB_URL)).rstrip("/"),
         github_api_url=str(pick("github_api_url", env.get(ENV_GITHUB_API_URL) or DEFAULT_GITHUB_API_URL)).rstrip("/"),
         offline=bool(pick("offline", _env_bool(env, ENV_OFFLINE, False))),
-        timeout=float(pick("timeout", _env_float(env, ENV_TIMEOUT, DEFAULT_TIMEOUT))),
-        retries=int(pick("retries", retries_env)),
-        lock_timeout=float(pick("lock_timeout", _env_float(env, ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT))),
+        timeout=_seconds(pick("timeout", _env_float(env, ENV_TIMEOUT, DEFAULT_TIMEOUT)), "timeout", ENV_TIMEOUT),
+        retries=_retries(pick("retries", retries_env)),
+        lock_timeout=_seconds(pick("lock_timeout", _env_float(env, ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT)),
+                              "lock_timeout", ENV_LOCK_TIMEOUT),
         mode=mode,
-        worker_timeout=pick("worker_timeout", _env_float(env, ENV_WORKER_TIMEOUT, None)),
-        sandbox=bool(pick("sandbox", _env_bool(env, ENV_SANDBOX, False))),
+        worker_timeout=_optional_seconds(pick("worker_timeout", _env_float(env, ENV_WORKER_TIMEOUT, None)),
+                                         "worker_timeout", ENV_WORKER_TIMEOUT),
+        sandbox=sandbox,
         github_token=env.get(ENV_GITHUB_TOKEN) or None,
     )

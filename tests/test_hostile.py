@@ -220,11 +220,17 @@ def huge_allocation(gib=64):
 
 
 def spin(with_child=True):
-    """Leave a spinning subprocess behind, then spin."""
-    if with_child:
-        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """Leave a spinning child process behind, then spin."""
+    if with_child and os.fork() == 0:
+        while True:
+            pass
     while True:
         pass
+
+
+def scratch_files():
+    """What the worker's scratch folder holds, seen from inside."""
+    return sorted(os.listdir(os.environ["TMPDIR"]))
 
 
 def benign(seed=0):
@@ -384,19 +390,14 @@ def test_writes_land_only_in_the_scratch_folder_which_goes_with_the_worker(calle
         assert not os.path.exists(os.path.join(path, "pwned"))
     assert not os.path.lexists(caller["hub_dir"] / "ln") and not (caller["hub_dir"] / "pwned-dir").exists()
     scratch = hub.load(caller["repo"], "secrets", caller["cfg"], source="local")["home"]
-    assert os.path.isfile(os.path.join(scratch, "fine"))
+    assert "fine" in hub.load(caller["repo"], "scratch_files", source="local")  # a tmpfs only the worker sees
     get_manager().shutdown()
     assert not os.path.exists(scratch), "the scratch folder outlived its worker"
 
 
-def test_subprocesses_inherit_the_sandbox(caller):
-    result = _hub().load(caller["repo"], "subprocesses", caller["cfg"], source="local")
-    child = result["python"]
-    assert isinstance(child, dict), child
-    for name in ("tcp_caller", "secret_file", "caller_environ", "write_outside"):
-        assert child[name] in DENIED, (name, child[name])
-    assert child["token"] is None
-    assert result["sh_code"] != 0 and TOKEN_PREFIX not in result["sh_stdout"]
+def test_no_program_runs_in_the_sandbox(caller):
+    with pytest.raises(PermissionError):  # execve is denied: subprocess.run fails in the hubconf
+        _hub().load(caller["repo"], "subprocesses", caller["cfg"], source="local")
     assert not (caller["tmp"] / "pwned-by-child").exists() and not (caller["tmp"] / "pwned-by-sh").exists()
     _nothing_reached(caller)
 
@@ -412,15 +413,13 @@ def test_fork_bomb_is_killed_with_every_process(caller, monkeypatch):
     _still_sound(caller)
 
 
-def test_memory_hog_is_killed_and_named(caller, monkeypatch):
+def test_memory_hog_is_stopped_at_the_cap(caller, monkeypatch):
     monkeypatch.setenv("FLOWHUB_SANDBOX_MAX_MEMORY", "1G")
     hub = _hub(worker_timeout=60)
-    with pytest.raises(MemoryError):  # RLIMIT_DATA (2 x 1 GiB + 1 GiB): one huge allocation fails inside
+    with pytest.raises(MemoryError):  # RLIMIT_DATA at the cap: one huge allocation fails inside
         hub.load(caller["repo"], "huge_allocation", source="local")
-    pid = _worker_pid(caller["repo"])
-    with pytest.raises(WorkerCrashedError, match=r"(?s)SIGKILL.*watchdog.*memory.*limit of 1\.0 GiB"):
+    with pytest.raises(MemoryError):  # and so does touching memory bit by bit, before the watchdog must act
         hub.load(caller["repo"], "hog", source="local")
-    assert _gone(pid)
     _still_sound(caller)
 
 
@@ -512,7 +511,7 @@ def test_github_repo_weights_come_through_the_caller_and_trust(gh, hub_root, cal
         flowhub.Hub().list("hostile/evil", trust_repo="check")
     with pytest.warns(UserWarning, match="untrusted repository"):  # rebuild mode runs repo code here
         with pytest.raises(HTTPStatusError, match="404"):  # a download error reaches the hubconf, then here
-            _hub().load("hostile/evil", "model", url.rsplit("/", 1)[0] + "/none.zip", 9)
+            _hub(mode="rebuild").load("hostile/evil", "model", url.rsplit("/", 1)[0] + "/none.zip", 9)
 
     with warnings.catch_warnings(record=True) as caught:  # proxy mode: nothing comes back as code
         warnings.simplefilter("always")

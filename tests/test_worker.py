@@ -235,7 +235,11 @@ def test_transfer_table_is_validated_before_any_view():
         transfer.unpack(fd, 64, [good])  # closes fd
     packed = transfer.pack([np.arange(4, dtype=np.float32)])
     with pytest.raises(TransferError, match="announced"):
-        transfer.unpack(packed.fd, packed.size + 64, [])
+        transfer.unpack(packed.fd, packed.size + 64, packed.table)
+    packed.fd = None
+    packed = transfer.pack([np.arange(4, dtype=np.float32)])
+    with pytest.raises(TransferError, match="uses only 16"):  # bytes no entry asks for are never mapped
+        transfer.unpack(packed.fd, packed.size + 128, packed.table)
     packed.fd = None
 
 
@@ -270,9 +274,16 @@ def test_hubconf_that_cannot_be_imported(mgr):
     assert call(mgr, V1, "load", "version") == "v1"
 
 
+def test_sys_exit_in_a_hubconf_is_an_error_not_an_exit(mgr):
+    key = "test:crash:sys_exit"
+    pid = call(mgr, V1, "load", "pid", key=key)
+    with pytest.raises(HubconfError, match=r"'sys_exit'.*SystemExit: 5"):
+        call(mgr, V1, "load", "sys_exit", key=key)
+    assert call(mgr, V1, "load", "pid", key=key) == pid  # neither the caller nor the worker exited
+
+
 @pytest.mark.parametrize("entry, expected", [
     ("exit_hard", "exited with code 3"),
-    ("sys_exit", "exited with code 5"),
     ("abort", "SIGABRT"),
     ("segfault", "SIGSEGV"),
 ])

@@ -6,7 +6,8 @@ One policy (:class:`SandboxPolicy`), several mechanisms, each in its own module 
 =============== ===========================================================================
 environment     allow-listed variables only; HOME/TMPDIR = scratch; /proc/self/environ zeroed
 limits          rlimits (core, cpu, nofile, nproc, fsize, data) and an own process group
-namespaces      new user + network namespace: no network at all, no host capabilities
+namespaces      new user, network, mount, IPC and PID namespace: no network, no other processes,
+                every mount read-only but a size-capped tmpfs scratch, no host capabilities
 privileges      no_new_privs, every capability dropped
 landlock        filesystem allow-list, TCP connect denied / bind port 0 only, ptrace and
                 signal scoping (closes /proc/<caller>/environ)
@@ -30,6 +31,7 @@ What the worker's caller has to do on its side, because no in-process step can:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -97,7 +99,7 @@ def apply(policy: SandboxPolicy, *, allow_threads: bool = False) -> SandboxRepor
     if threads > 1 and mechanisms.get("privileges") == "applied":
         details["privileges"] += f" (this thread only: {threads} threads)"
     protections = assess(mechanisms, allow_network=policy.allow_network, landlock_abi=abi, uid=uid,
-                         max_processes=policy.max_processes, max_memory=policy.max_memory)
+                         max_processes=policy.max_processes, max_memory=policy.max_memory, details=details)
     return SandboxReport(mechanisms=mechanisms, details=details, protections=protections,
                          elapsed_ms=(time.perf_counter() - start) * 1000)
 
@@ -120,12 +122,17 @@ def _attempt(action: Callable[[], object], allowed_means: str = "allowed") -> st
         return f"denied ({errno_name(exc)})"
 
 
-def _probe_child(policy: SandboxPolicy, port: int, outside: str) -> dict:
+def _probe_child(policy: SandboxPolicy, port: int, outside: str, unix_path: str, prober: int) -> dict:
     report = apply(policy)
 
     def connect() -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             pass
+
+    def unix_connect() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1)
+            s.connect(unix_path)
 
     def write_outside() -> None:
         with open(os.path.join(outside, "probe"), "w") as f:
@@ -135,8 +142,8 @@ def _probe_child(policy: SandboxPolicy, port: int, outside: str) -> dict:
         with open(os.path.join(policy.scratch, "probe"), "w") as f:
             f.write("x")
 
-    def read_parent_environ() -> None:
-        with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+    def read_prober_environ() -> None:
+        with open(f"/proc/{prober}/environ", "rb") as f:
             f.read()
 
     def udp() -> None:
@@ -146,38 +153,75 @@ def _probe_child(policy: SandboxPolicy, port: int, outside: str) -> dict:
     def ptrace() -> None:
         from flowhub.sandbox._common import libc, raise_errno
 
-        if libc().ptrace(16, os.getppid(), None, None) != 0:  # PTRACE_ATTACH
+        if libc().ptrace(16, prober, None, None) != 0:  # PTRACE_ATTACH
             raise_errno("ptrace")
+
+    def prlimit() -> None:
+        import resource
+
+        resource.prlimit(prober, resource.RLIMIT_NOFILE)  # only reads it: enough to show it is reachable
+
+    def execute() -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.execv("/bin/true", ["/bin/true"])
+            except OSError as exc:
+                os._exit(exc.errno or 1)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code:
+            raise OSError(code, os.strerror(code))
+
+    def see_prober() -> None:
+        os.stat(f"/proc/{prober}")
 
     report.checks = {
         "tcp connect to the caller's 127.0.0.1": _attempt(connect, "allowed (connected)"),
         "udp send to 127.0.0.2": _attempt(udp, "allowed (sent)"),
+        "connect to the caller's unix socket": _attempt(unix_connect, "allowed (connected)"),
         "write outside scratch": _attempt(write_outside),
         "write inside scratch": _attempt(write_scratch),
-        "read /proc/<parent>/environ": _attempt(read_parent_environ),
-        "ptrace the parent": _attempt(ptrace),
+        "set file times outside scratch": _attempt(lambda: os.utime(outside)),
+        "see the caller in /proc": _attempt(see_prober, "allowed (visible)"),
+        "read /proc/<caller>/environ": _attempt(read_prober_environ),
+        "signal the caller": _attempt(lambda: os.kill(prober, 0), "allowed (signalled)"),
+        "prlimit the caller": _attempt(prlimit),
+        "ptrace the caller": _attempt(ptrace),
+        "run a program": _attempt(execute, "allowed (ran)"),
     }
     return report.as_dict()
 
 
 def probe(policy: Optional[SandboxPolicy] = None, timeout: float = 30.0) -> SandboxReport:
-    """What this machine offers: fork a throwaway child, apply ``policy`` (by default one with a
-    temporary scratch folder) there, try a few denied actions, and report. This process is untouched."""
+    """What this machine offers: fork a throwaway child, apply ``policy`` (by default the usual one,
+    with a temporary scratch folder) there, try what the sandbox must deny (reaching the network, a
+    unix socket, files outside scratch, the prober's process, running a program), and report how
+    each attempt ended. This process is untouched."""
     with tempfile.TemporaryDirectory(prefix="flowhub-sandbox-probe-") as tmp:
         scratch, outside = os.path.join(tmp, "scratch"), os.path.join(tmp, "outside")
         os.makedirs(scratch)
         os.makedirs(outside)
-        policy = policy or SandboxPolicy(scratch=scratch, cpu_seconds=max(int(timeout), 1))
+        private = os.path.join(tmp, "private")
+        os.makedirs(private, mode=0o700)
+        policy = policy or SandboxPolicy(scratch=scratch)
+        if policy.scratch != scratch:
+            policy = dataclasses.replace(policy, scratch=scratch)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
+        unix_path = os.path.join(private, "probe.sock")
+        unix_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix_listener.bind(unix_path)
+        unix_listener.listen(1)
+        prober = os.getpid()
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the throwaway child: never returns
             code = 1
             try:
                 os.close(read_end)
-                data = json.dumps(_probe_child(policy, listener.getsockname()[1], outside)).encode()
+                data = json.dumps(_probe_child(policy, listener.getsockname()[1], outside, unix_path,
+                                               prober)).encode()
                 with os.fdopen(write_end, "wb") as out:
                     out.write(data)
                 code = 0
@@ -194,6 +238,7 @@ def probe(policy: Optional[SandboxPolicy] = None, timeout: float = 30.0) -> Sand
         finally:
             os.close(read_end)
             listener.close()
+            unix_listener.close()
     try:
         data = json.loads(raw.decode() or "{}")
     except ValueError:

@@ -139,16 +139,43 @@ def _pss(pid: int) -> Optional[int]:
     return None
 
 
+_SHMEM_LINKS = ("/memfd:", "/dev/shm/")
+
+
+def held_shmem(members: List[int]) -> int:
+    """Bytes of memfds and ``/dev/shm`` files the processes hold open: memory that no RSS shows until
+    it is mapped (a worker can fill memfds with ``write`` and keep only the descriptors). Each file
+    counts once, however many descriptors or processes hold it."""
+    seen: Dict[Tuple[int, int], int] = {}
+    for pid in members:
+        folder = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            path = f"{folder}/{name}"
+            try:
+                if not os.readlink(path).startswith(_SHMEM_LINKS):
+                    continue
+                st = os.stat(path)
+            except OSError:
+                continue
+            seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return sum(seen.values())
+
+
 def memory(members: List[int], table: Dict[int, Tuple[int, int, int]]) -> int:
-    """Memory charged to a tree: the RSS of a lone process, else the sum of PSS, because forked
-    processes share copy-on-write pages that a sum of RSS would count once per process."""
+    """Memory charged to a tree: the RSS of a lone process, else the sum of PSS (forked processes
+    share copy-on-write pages that a sum of RSS would count once per process); plus the memfds and
+    shared-memory files they hold (:func:`held_shmem`)."""
     if len(members) == 1:
-        return table[members[0]][2]
+        return table[members[0]][2] + held_shmem(members)
     total = 0
     for p in members:
         pss = _pss(p)
         total += table[p][2] if pss is None else pss
-    return total
+    return total + held_shmem(members)
 
 
 def usage(pid: int) -> Tuple[int, int]:

@@ -70,7 +70,10 @@ class SandboxPolicy:
     max_file_size: Optional[int] = 4 << 30
     #: RLIMIT_DATA: heap and private writable mappings (numpy/oneflow buffers), not mapped libraries,
     #: so unlike RLIMIT_AS it does not break ``import oneflow`` (VmData is ~0.55 GiB after it).
-    max_memory: Optional[int] = 16 << 30
+    max_memory: Optional[int] = 4 << 30
+    #: The scratch folder's quota (bytes and files): a tmpfs of that size in the worker's mount namespace.
+    max_scratch: Optional[int] = 1 << 30
+    max_scratch_files: Optional[int] = 100_000
     allow_subprocesses: bool = True
     env_allow: Tuple[str, ...] = DEFAULT_ENV_ALLOW
     env_deny: Tuple[str, ...] = DEFAULT_ENV_DENY
@@ -92,7 +95,7 @@ class SandboxPolicy:
         unknown = set(self.skip_mechanisms) - set(MECHANISMS)
         if unknown:
             raise ValueError(f"SandboxPolicy.skip_mechanisms: unknown {sorted(unknown)}; known: {', '.join(MECHANISMS)}")
-        for name in ("cpu_seconds", "max_processes", "max_file_size", "max_memory"):
+        for name in ("cpu_seconds", "max_processes", "max_file_size", "max_memory", "max_scratch", "max_scratch_files"):
             value = getattr(self, name)
             if value is not None and int(value) <= 0:
                 raise ValueError(f"SandboxPolicy.{name} must be positive or None, not {value!r}")

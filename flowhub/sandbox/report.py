@@ -61,9 +61,13 @@ class SandboxReport:
 
 
 def assess(mechanisms: Dict[str, str], *, allow_network: bool, landlock_abi: int, uid: int,
-           max_processes: Optional[int], max_memory: Optional[int]) -> Dict[str, str]:
-    """Which mechanism provides each protection, given what took effect."""
+           max_processes: Optional[int], max_memory: Optional[int],
+           details: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Which mechanism provides each protection, given what took effect (and, for the namespaces,
+    which of them: ``details``)."""
     ok = {name: mechanisms.get(name, "").startswith("applied") for name in MECHANISMS}
+    ns_detail = (details or {}).get("namespaces", "") if ok["namespaces"] else ""
+    pid_ns, ro_mounts = "PID namespace" in ns_detail, "every other mount read-only" in ns_detail
     prot: Dict[str, str] = {}
     if allow_network:
         prot["network"] = "allowed by the policy"
@@ -91,18 +95,27 @@ def assess(mechanisms: Dict[str, str], *, allow_network: bool, landlock_abi: int
     prot["environment"] = "environment" if ok["environment"] else NONE
     prot["capabilities"] = ("privileges" + (" + namespaces" if ok["namespaces"] else "")
                             if ok["privileges"] else "namespaces" if ok["namespaces"] else NONE)
+    prot["other processes"] = ("namespaces (own PID namespace and /proc: nothing outside can be named)" if pid_ns
+                               else "partial: seccomp denies prlimit and ptrace; other pids stay visible"
+                               if ok["seccomp"] else NONE)
+    prot["file metadata and times"] = ("namespaces (every mount but scratch read-only)" if ro_mounts else
+                                       "partial: seccomp ignores mode/owner changes; file times stay settable"
+                                       if ok["seccomp"] else NONE)
+    prot["programs"] = "seccomp (execve denied)" if ok["seccomp"] else NONE
     if max_processes is None:
         prot["processes"] = "not limited by the policy"
     elif not ok["limits"]:
         prot["processes"] = NONE
     elif uid == 0:
-        prot["processes"] = "none inside (RLIMIT_NPROC is not enforced for uid 0): run limits.Watchdog"
+        prot["processes"] = ("the caller's watchdog (RLIMIT_NPROC is not enforced for uid 0)"
+                             + ("; the PID namespace ends every process with the worker" if pid_ns else ""))
     else:
-        prot["processes"] = "limits (RLIMIT_NPROC, counts every process of the uid)"
+        prot["processes"] = "limits (RLIMIT_NPROC, counts every process of the uid) + the caller's watchdog"
     if max_memory is None:
         prot["memory"] = "not limited by the policy: run limits.Watchdog"
     else:
-        prot["memory"] = "limits (RLIMIT_DATA, per process)" if ok["limits"] else NONE
+        prot["memory"] = ("limits (RLIMIT_DATA and RLIMIT_FSIZE, per process) + the caller's watchdog (memory and "
+                          "memfds of every process)" if ok["limits"] else NONE)
     return prot
 
 

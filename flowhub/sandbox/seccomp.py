@@ -13,12 +13,19 @@ worker, so library code that probes for a feature sees "not available". Denied:
 * leaving the sandbox: ``setns``, ``unshare`` and ``clone`` with any ``CLONE_NEW*`` flag,
   ``clone3`` (returns ``ENOSYS`` so glibc falls back to ``clone``, whose flags can be checked),
   ``setsid``/``setpgid`` (the worker's process group is how the watchdog finds its processes);
-* sockets other than ``AF_UNIX`` and ``AF_INET`` (``AF_INET6`` too when the network is allowed):
-  no ``AF_PACKET``, ``AF_NETLINK``, ``AF_VSOCK``, ``AF_ALG``...; and when the network is denied, no
-  UDP or raw ``AF_INET`` sockets, which closes the UDP/DNS gap Landlock leaves when no network
-  namespace is available. TCP stays, for OneFlow's ``bind(127.0.0.1:0)``;
-* with ``allow_subprocesses=False``: ``fork``, ``vfork``, ``execve``, ``execveat`` and ``clone``
-  without ``CLONE_THREAD`` (threads keep working).
+* sockets other than ``AF_INET`` (``AF_INET6`` too when the network is allowed): no ``AF_UNIX``
+  socket can be created, so no listener with a path (docker.sock, an ssh-agent, D-Bus: Landlock
+  does not cover connecting to them) is reachable; the worker's channel to the caller is inherited,
+  and ``socketpair`` (which reaches nothing) stays. No ``AF_PACKET``, ``AF_NETLINK``, ``AF_VSOCK``,
+  ``AF_ALG``...; and when the network is denied, no UDP or raw ``AF_INET`` sockets, which closes the
+  UDP/DNS gap Landlock leaves when no network namespace is available. TCP stays, for OneFlow's
+  ``bind(127.0.0.1:0)``;
+* other processes' resource limits: ``prlimit64`` on any pid but 0 (itself) fails with ``EPERM``;
+* running programs: ``execve`` and ``execveat`` fail with ``EPERM`` (``subprocess`` raises
+  ``PermissionError``), so no dropped binary, ``ld.so``-launched file or memfd runs. ``fork`` stays:
+  a worker may use processes, which inherit every restriction and its process limits;
+* with ``allow_subprocesses=False``: also ``fork``, ``vfork`` and ``clone`` without
+  ``CLONE_THREAD`` (threads keep working).
 
 Changes of file metadata (mode, owner, extended attributes) are not denied but *ignored*: they
 return success and change nothing. Landlock does not cover them, so otherwise a worker could
@@ -38,7 +45,7 @@ from flowhub.sandbox.policy import SandboxPolicy
 EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
 ACT_ALLOW = 0x7FFF0000
 FLTATR_CTL_NNP, FLTATR_CTL_TSYNC = 3, 4
-CMP_EQ, CMP_GE, CMP_MASKED_EQ = 4, 5, 7
+CMP_NE, CMP_EQ, CMP_GE, CMP_MASKED_EQ = 1, 4, 5, 7
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 SOCK_STREAM, SOCK_TYPE_MASK, SOCK_MAX = 1, 0xF, 11
@@ -64,8 +71,12 @@ DENIED_SYSCALLS: Tuple[str, ...] = (
     "sethostname", "setdomainname",
     # the process group the watchdog relies on
     "setsid", "setpgid",
+    # System V shared memory: memory that neither RSS nor the worker's descriptors show
+    "shmget",
 )
-SUBPROCESS_SYSCALLS: Tuple[str, ...] = ("fork", "vfork", "execve", "execveat")
+#: Running a program: always denied once the filter is loaded (the worker is set up by then).
+EXEC_SYSCALLS: Tuple[str, ...] = ("execve", "execveat")
+SUBPROCESS_SYSCALLS: Tuple[str, ...] = ("fork", "vfork")
 #: Metadata changes Landlock does not cover: they succeed without doing anything (see above).
 IGNORED_SYSCALLS: Tuple[str, ...] = (
     "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "chown32", "fchown32",
@@ -160,22 +171,26 @@ class _Filter:
             self.ctx = None
 
 
-def _denied_family_conditions(allowed: set) -> List[Tuple[int, int, int, int]]:
+def _denied_family_conditions(allowed: set, also_allowed: Tuple[int, ...] = (AF_UNIX,)) -> List[Tuple[int, int, int, int]]:
     """Conditions on argument 0 matching every address family outside ``allowed`` (libseccomp takes
-    one comparison per argument and rule, so: single values, then ``>=`` for the open tail)."""
+    one comparison per argument and rule, so: single values, then ``>=`` for the open tail).
+    ``also_allowed`` families get no condition here because a rule of their own covers them."""
     top = max(allowed) + 1
-    conditions = [(0, CMP_EQ, family, 0) for family in range(top) if family not in allowed]
+    conditions = [(0, CMP_EQ, family, 0) for family in range(top)
+                  if family not in allowed and family not in also_allowed]
     return conditions + [(0, CMP_GE, top, 0)]
 
 
 def _socket_rules(f: _Filter, policy: SandboxPolicy) -> List[str]:
-    allowed = {AF_UNIX, AF_INET} | ({AF_INET6} if policy.allow_network else set())
+    allowed = {AF_INET} | ({AF_INET6} if policy.allow_network else set())
     deny_family = _errno_action(EAFNOSUPPORT)
     for condition in _denied_family_conditions(allowed):
         f.add(deny_family, "socket", condition)
+    f.add(_errno_action(EPERM), "socket", (0, CMP_EQ, AF_UNIX, 0))  # EPERM: "not allowed", not "no such family"
     for condition in _denied_family_conditions({AF_UNIX}):  # socketpair exists only for AF_UNIX
         f.add(deny_family, "socketpair", condition)
-    notes = ["sockets limited to " + ("unix, inet and inet6" if policy.allow_network else "unix and inet")]
+    notes = ["sockets limited to " + ("inet and inet6" if policy.allow_network else "inet")
+             + " (no unix sockets but socketpair)"]
     if not policy.allow_network:
         for sock_type in range(SOCK_MAX):  # the type argument also carries NONBLOCK/CLOEXEC: mask it
             if sock_type != SOCK_STREAM:
@@ -199,12 +214,16 @@ def apply(policy: SandboxPolicy) -> str:
         f.add(_errno_action(ENOSYS), "clone3")
         for name in IGNORED_SYSCALLS:
             f.add(_errno_action(0), name)  # "succeeds" without running
-        notes = _socket_rules(f, policy) + ["file mode, owner and xattr changes ignored"]
+        f.add(deny, "prlimit64", (0, CMP_NE, 0, 0))  # pid 0 is itself: setrlimit/getrlimit keep working
+        for name in EXEC_SYSCALLS:
+            f.add(deny, name)
+        notes = _socket_rules(f, policy) + ["file mode, owner and xattr changes ignored",
+                                            "prlimit on other processes denied", "no exec"]
         if not policy.allow_subprocesses:
             for name in SUBPROCESS_SYSCALLS:
                 f.add(deny, name)
             f.add(deny, "clone", (0, CMP_MASKED_EQ, CLONE_THREAD, 0))
-            notes.append("no new processes or exec")
+            notes.append("no new processes")
         f.load()
         return f"{f.rules} rules: dangerous calls and new namespaces denied; " + "; ".join(notes)
     finally:

@@ -1,4 +1,4 @@
-"""Read git repositories through the ``git`` command: find, list refs, resolve, archive.
+"""Read git repositories through the ``git`` command: find, list refs, resolve, compare, archive.
 
 Everything is read at request time, so repositories (and new commits, branches or tags) added
 while the server runs are served. Only archives are cached, keyed by commit SHA, because the
@@ -69,6 +69,17 @@ class CommitInfo:
     committer_email: str
     committer_date: str
     message: str
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """One file of a diff: ``status`` is git's letter (A, D, M, T), ``blob`` the file's object SHA."""
+
+    path: str
+    status: str
+    blob: str
+    additions: int
+    deletions: int
 
 
 def _run(path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -197,15 +208,64 @@ class GitRepo:
 
     def commit(self, sha: str) -> CommitInfo:
         """Metadata and message of commit ``sha``."""
-        fmt = "%H%x00%T%x00%P%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%B"
-        out = _run(self.path, "show", "-s", f"--format={fmt}", sha, "--").stdout
-        fields = out.decode("utf-8", "replace").split("\0", 9)
-        return CommitInfo(
-            sha=fields[0], tree=fields[1], parents=tuple(fields[2].split()),
-            author_name=fields[3], author_email=fields[4], author_date=fields[5],
-            committer_name=fields[6], committer_email=fields[7], committer_date=fields[8],
-            message=fields[9].rstrip("\n"),
-        )
+        return self.commits([sha])[0]
+
+    def commits(self, shas: List[str]) -> List[CommitInfo]:
+        """Metadata and message of each commit in ``shas`` (full SHAs), in that order (one ``git`` call)."""
+        if not shas:
+            return []
+        fmt = "%H%x00%T%x00%P%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%B%x1e"
+        unique = list(dict.fromkeys(shas))
+        out = _run(self.path, "show", "-s", f"--format={fmt}", *unique, "--").stdout
+        infos: Dict[str, CommitInfo] = {}
+        for record in out.decode("utf-8", "replace").split("\x1e"):
+            fields = record.lstrip("\n").split("\0", 9)
+            if len(fields) < 10:
+                continue
+            infos[fields[0]] = (CommitInfo(
+                sha=fields[0], tree=fields[1], parents=tuple(fields[2].split()),
+                author_name=fields[3], author_email=fields[4], author_date=fields[5],
+                committer_name=fields[6], committer_email=fields[7], committer_date=fields[8],
+                message=fields[9].rstrip("\n"),
+            ))
+        return [infos[sha] for sha in shas]
+
+    def merge_base(self, a: str, b: str) -> Optional[str]:
+        """The best common ancestor of commits ``a`` and ``b``, or None if their histories are unrelated."""
+        proc = _run(self.path, "merge-base", a, b, check=False)
+        sha = proc.stdout.decode().strip()
+        return sha if proc.returncode == 0 and sha else None
+
+    def commits_between(self, base: str, head: str) -> List[str]:
+        """``git log base..head``: the commits reachable from ``head`` and not from ``base``, oldest first."""
+        out = _run(self.path, "rev-list", "--reverse", "--date-order", f"{base}..{head}", "--").stdout
+        return out.decode().split()
+
+    def count_between(self, base: str, head: str) -> int:
+        """How many commits ``git log base..head`` lists."""
+        return int(_run(self.path, "rev-list", "--count", f"{base}..{head}", "--").stdout.decode().strip() or 0)
+
+    def changed_files(self, old: str, new: str) -> List[FileChange]:
+        """The files that differ between commits ``old`` and ``new`` (no rename detection)."""
+        raw = _run(self.path, "diff-tree", "-r", "-z", "--no-renames", "--no-commit-id", old, new).stdout
+        num = _run(self.path, "diff-tree", "-r", "-z", "--no-renames", "--no-commit-id", "--numstat",
+                   old, new).stdout
+        counts: Dict[str, Tuple[int, int]] = {}
+        for item in num.decode("utf-8", "surrogateescape").split("\0"):
+            parts = item.split("\t", 2)
+            if len(parts) == 3:
+                added, deleted, path = parts
+                counts[path] = (int(added) if added.isdigit() else 0, int(deleted) if deleted.isdigit() else 0)
+        fields = raw.decode("utf-8", "surrogateescape").split("\0")
+        changes = []
+        for meta, path in zip(fields[0::2], fields[1::2]):
+            parts = meta.lstrip(":").split()
+            if len(parts) != 5:
+                continue
+            _, _, old_blob, new_blob, status = parts
+            added, deleted = counts.get(path, (0, 0))
+            changes.append(FileChange(path, status[0], new_blob if status[0] != "D" else old_blob, added, deleted))
+        return changes
 
     def archive_prefix(self, sha: str) -> str:
         """GitHub's top folder for a zipball: ``{owner}-{repo}-{sha7}/``."""

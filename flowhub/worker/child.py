@@ -14,8 +14,8 @@ the results here and replies in JSON only (never a pickle).
 
 Before every request it hands the caller's settings to :func:`flowhub.api.adopt_settings`, so weight
 downloads the hubconf makes (through flowhub or ``oneflow.hub``) use the caller's cache and
-options. ``SystemExit`` from hubconf code ends the worker with that exit code (the caller then
-reports a crash) instead of being passed on to end the caller.
+options. ``SystemExit`` and ``KeyboardInterrupt`` from hubconf code are reported like any error (the
+caller raises ``HubconfError`` naming them) instead of ending the worker or the caller.
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ from flowhub.errors import TransferError
 from flowhub.worker import failures, objects, protocol, rebuild, transfer
 
 OPS = ("list", "help", "load")
+#: What hubconf code may raise and the caller is told about: ``SystemExit`` and ``KeyboardInterrupt``
+#: too (they become a ``HubconfError`` there, never the caller's own exit).
+HUBCONF_EXCEPTIONS = (Exception, SystemExit, KeyboardInterrupt)
 
 
 class _Failure(Exception):
@@ -63,7 +66,7 @@ class WorkerLoop:
                 sys.path.insert(0, self.repo_dir)
             try:
                 self._hubconf = entrypoints.import_hubconf(self.repo_dir)
-            except Exception as exc:
+            except HUBCONF_EXCEPTIONS as exc:
                 raise _Failure("hubconf", exc, fatal=True) from None
         return self._hubconf
 
@@ -75,7 +78,7 @@ class WorkerLoop:
             if op == "help":
                 return entrypoints.entrypoint_doc(module, model)
             return entrypoints.find_entrypoint(module, model)(*args, **kwargs)
-        except Exception as exc:
+        except HUBCONF_EXCEPTIONS as exc:
             raise _Failure("hubconf", exc) from None
 
     # -- one request --------------------------------------------------------------------------------

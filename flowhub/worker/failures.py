@@ -70,11 +70,17 @@ def describe(exc: BaseException, is_repo_module: Callable[[object], bool],
     module = sys.modules.get(cls.__module__)
     if not pickled:
         args = list(exc.args) if isinstance(exc.args, tuple) else []
+        try:  # a type whose constructor takes more than its message says so in __reduce__ (HTTPStatusError)
+            reduced = exc.__reduce__()
+            if isinstance(reduced, tuple) and len(reduced) >= 2 and reduced[0] is cls and isinstance(reduced[1], tuple):
+                args = list(reduced[1])
+        except Exception:
+            pass
         plain = all(type(a) in (str, int, float, bool, type(None)) for a in args)
         info.update(module=cls.__module__, qualname=cls.__qualname__, repo=bool(is_repo_module(module)),
                     args=args if plain and sum(len(str(a)) for a in args) <= _MAX_TRACEBACK else None)
         return info, blob
-    if _importable_by_name(cls) and not is_repo_module(module):
+    if isinstance(exc, Exception) and _importable_by_name(cls) and not is_repo_module(module):
         try:
             blob = pickle.dumps(exc, protocol=5)
         except Exception:
@@ -113,7 +119,7 @@ def rebuild(info: dict, blob: bytes, context: str, label: str) -> BaseException:
     if blob:
         try:
             candidate = pickle.loads(blob)
-            if isinstance(candidate, BaseException):
+            if isinstance(candidate, Exception):  # never SystemExit/KeyboardInterrupt: they would end the caller
                 exc = candidate
         except Exception:
             exc = None
@@ -163,12 +169,16 @@ def from_description(info: object, context: str, label: str) -> BaseException:
     if cls is not None:
         args = info.get("args")
         plain = isinstance(args, list) and all(type(a) in (str, int, float, bool, type(None)) for a in args)
-        for attempt in ((tuple(args),) if plain else ()) + ((message,),):
+        attempts = [(cls, tuple(args))] if plain else []
+        # then the message alone, for the type or the nearest base that takes it (numpy's
+        # _ArrayMemoryError needs a shape and a dtype; MemoryError does not), so `except` clauses still match
+        attempts += [(base, (message,)) for base in cls.__mro__ if issubclass(base, Exception)]
+        for kind, attempt in attempts:
             try:
-                candidate = cls(*attempt)
+                candidate = kind(*attempt)
             except Exception:
                 continue
-            if isinstance(candidate, BaseException):
+            if isinstance(candidate, Exception):
                 exc = candidate
                 break
     if exc is not None:

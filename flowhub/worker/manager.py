@@ -142,8 +142,12 @@ class WorkerManager:
         if sandbox:
             from flowhub.settings import default_hub_dir
 
+            from flowhub.worker.sandbox_host import Limits
+
             settings = {k: v for k, v in (settings or {}).items() if k != "github_token"}
             sandbox_hub = os.path.realpath(settings.get("hub_dir") or default_hub_dir(os.environ))
+            if timeout is None:  # a sandboxed call never waits for ever (FLOWHUB_SANDBOX_TIMEOUT)
+                timeout = Limits.from_env().timeout
             self.sandbox_host().prewarm()
         else:
             self.prewarm()  # the zygote imports oneflow while this process does the same below
@@ -418,6 +422,8 @@ class WorkerManager:
         (and the worker is reaped). The caller holds ``worker.lock`` and closes ``packed``."""
         deadline = time.monotonic() + timeout if timeout else None
         assert worker.sock is not None
+        if self._sandbox is not None and self._sandbox.owns(worker.pid):
+            self._sandbox.begin_call(worker.pid)
         try:
             protocol.send_message(worker.sock, header, body, [packed.fd] if packed.fd is not None else [])
             return self._receive(worker, deadline)

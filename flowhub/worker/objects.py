@@ -195,7 +195,7 @@ class ObjectServer:
             if op == "mro":
                 return [_type_name(cls) for cls in type(obj).__mro__], {}
             return sorted(str(n) for n in dir(obj)), {}  # "dir"
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # hubconf code: reported, never our exit
             raise self.failure("hubconf", exc) from None
 
     def _arguments(self, header: dict, fds: List[int]) -> Tuple[list, dict, Any]:

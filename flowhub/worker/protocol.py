@@ -33,8 +33,11 @@ from typing import List, Optional, Sequence, Tuple
 
 _PREFIX = struct.Struct("!IQ")
 MAX_FDS = 4
-MAX_HEADER = 64 << 20  # a JSON header (tensor table, traceback text) never gets near this
-MAX_BODY = 1 << 40
+#: Caps on what one message may announce (a receiver may pass smaller ones). Nothing is allocated for
+#: a part before its bytes arrive, so a peer that announces more than it sends costs nothing.
+MAX_HEADER = 16 << 20  # a JSON header (tensor table, traceback text) never gets near this
+MAX_BODY = 1 << 30  # a pickled skeleton or exception; tensors travel in a memfd, not in the body
+_CHUNK = 1 << 20
 
 Message = Tuple[dict, bytes, List[int]]
 
@@ -88,21 +91,27 @@ def send_nowait(sock: socket.socket, header: dict) -> bool:
     return True
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
+def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytes:
+    """``n`` bytes, allocated as they arrive (at most one chunk ahead of what the peer really sent)."""
+    chunks: List[bytes] = []
     got = 0
     while got < n:
         sock.settimeout(_remaining(deadline))
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
+        chunk = sock.recv(min(n - got, _CHUNK))
+        if not chunk:
             raise PeerClosed("peer closed the connection in the middle of a message")
-        got += k
-    return buf
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def recv_message(sock: socket.socket, deadline: Optional[float] = None) -> Message:
-    """Receive one message: ``(header, body, fds)``. The caller owns (and must close) ``fds``."""
+def recv_message(sock: socket.socket, deadline: Optional[float] = None, max_header: int = MAX_HEADER,
+                 max_body: int = MAX_BODY) -> Message:
+    """Receive one message: ``(header, body, fds)``. The caller owns (and must close) ``fds``.
+
+    A message announcing a header over ``max_header`` or a body over ``max_body`` bytes raises
+    :class:`ProtocolError` before anything of it is read.
+    """
     fds: List[int] = []
     try:
         sock.settimeout(_remaining(deadline))
@@ -118,12 +127,13 @@ def recv_message(sock: socket.socket, deadline: Optional[float] = None) -> Messa
         if flags & socket.MSG_CTRUNC:
             raise ProtocolError("file descriptors were truncated (more than %d sent)" % MAX_FDS)
         if len(data) < _PREFIX.size:
-            data = bytes(data) + bytes(_recv_exact(sock, _PREFIX.size - len(data), deadline))
+            data = bytes(data) + _recv_exact(sock, _PREFIX.size - len(data), deadline)
         head_len, body_len = _PREFIX.unpack(data)
-        if head_len > MAX_HEADER or body_len > MAX_BODY:
-            raise ProtocolError(f"message too large (header {head_len} B, body {body_len} B)")
+        if head_len > max_header or body_len > max_body:
+            raise ProtocolError(f"message too large (header {head_len} B, body {body_len} B; the limits are "
+                                f"{max_header} and {max_body} B)")
         head = _recv_exact(sock, head_len, deadline)
-        body = bytes(_recv_exact(sock, body_len, deadline)) if body_len else b""
+        body = _recv_exact(sock, body_len, deadline) if body_len else b""
         try:
             header = json.loads(head)
         except (ValueError, RecursionError) as exc:

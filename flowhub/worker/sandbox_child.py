@@ -29,6 +29,8 @@ from flowhub.worker import protocol
 #: Exit code of a worker whose sandbox is weaker than required (EX_CONFIG).
 EXIT_SANDBOX_WEAK = 78
 STRENGTHS = ("weak", "partial", "strong")
+#: Policy fields the caller sets per worker (see ``sandbox_host.Limits.policy_options``).
+LIMIT_OPTIONS = ("max_memory", "max_file_size", "cpu_seconds", "max_processes", "max_scratch")
 
 
 def prepare() -> None:
@@ -47,10 +49,10 @@ def enter(spec: dict) -> None:
     try:
         import flowhub.sandbox as sandbox
 
+        limits = {k: options[k] for k in LIMIT_OPTIONS if options.get(k) is not None}
         policy = sandbox.SandboxPolicy.for_worker(
             spec["repo_dir"], options["scratch"], options.get("hub_dir"),
-            read_paths=tuple(options.get("read_paths") or ()), max_memory=options.get("max_data"),
-            max_processes=options.get("max_processes"), cpu_seconds=options.get("cpu_seconds"))
+            read_paths=tuple(options.get("read_paths") or ()), **limits)
         report = sandbox.apply(policy)
         strength = report.strength()
         problem = None if STRENGTHS.index(strength) >= STRENGTHS.index(required) else (

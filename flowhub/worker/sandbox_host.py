@@ -22,15 +22,26 @@ What :mod:`flowhub.sandbox` asks of a caller, done here for :class:`~flowhub.wor
   a pickle that a later trusted load runs); ``download_url_to_file`` lands in the worker's inbox;
 * one-shot workers for weights-only loads (:meth:`SandboxHost.run_once`).
 
-Limits are read from the environment when a worker is started:
+Limits are read from the environment when a worker is started (:class:`Limits`; ``flowhub doctor``
+shows each with how it is enforced):
 
-================================ ========================================= ====================
-``FLOWHUB_SANDBOX_MAX_MEMORY``   memory of a worker and its subprocesses   half the machine's RAM
-``FLOWHUB_SANDBOX_MAX_PROCESSES`` processes of a worker, itself included   64
-``FLOWHUB_SANDBOX_MIN_STRENGTH`` the weakest acceptable sandbox            ``strong``
-``FLOWHUB_SANDBOX_ALLOWED_HOSTS`` hosts besides the GitHub endpoints that   none (``*``: any)
-                                 a sandboxed hubconf may have fetched
-================================ ========================================= ====================
+=================================== ============================================== ==================
+``FLOWHUB_SANDBOX_MAX_MEMORY``       memory of a worker and its subprocesses          4 GiB
+``FLOWHUB_SANDBOX_MAX_PROCESSES``    processes of a worker, itself included           64
+``FLOWHUB_SANDBOX_MAX_CPU``          CPU seconds over a worker's life                 3600
+``FLOWHUB_SANDBOX_TIMEOUT``          seconds one call may take (unless                600
+                                     ``FLOWHUB_WORKER_TIMEOUT`` is set)
+``FLOWHUB_SANDBOX_MAX_SCRATCH``      size of the scratch tmpfs                        1 GiB
+``FLOWHUB_SANDBOX_MAX_DOWNLOADS``    files fetched for one call                       32
+``FLOWHUB_SANDBOX_MAX_DOWNLOAD_BYTES`` bytes fetched (and extracted) for one call    16 GiB
+``FLOWHUB_SANDBOX_MAX_OUTPUT``       stdout + stderr relayed per call                 1 MiB
+``FLOWHUB_SANDBOX_MIN_STRENGTH``     the weakest acceptable sandbox                   ``strong``
+``FLOWHUB_SANDBOX_ALLOWED_HOSTS``    hosts besides the GitHub endpoints that a        none (``*``: any)
+                                     sandboxed hubconf may have fetched
+=================================== ============================================== ==================
+
+A worker's stdout and stderr are pipes the caller relays (:mod:`flowhub.worker.output`), never the
+caller's own descriptors.
 """
 from __future__ import annotations
 
@@ -50,18 +61,32 @@ from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from flowhub import units
+from flowhub.archive import check_expansion
+from flowhub.checkpoints import SANDBOXED_DIR
 from flowhub.errors import WorkerCrashedError, WorkerTimeoutError
-from flowhub.worker import protocol
+from flowhub.worker import output, protocol
 from flowhub.worker.launcher import ZygoteHandle, _spawn_from_long_lived_thread
 from flowhub.worker.sandbox_child import EXIT_SANDBOX_WEAK, STRENGTHS
 
 ENV_MAX_MEMORY = "FLOWHUB_SANDBOX_MAX_MEMORY"
 ENV_MAX_PROCESSES = "FLOWHUB_SANDBOX_MAX_PROCESSES"
 ENV_MIN_STRENGTH = "FLOWHUB_SANDBOX_MIN_STRENGTH"
+ENV_MAX_CPU = "FLOWHUB_SANDBOX_MAX_CPU"
+ENV_TIMEOUT = "FLOWHUB_SANDBOX_TIMEOUT"
+ENV_MAX_SCRATCH = "FLOWHUB_SANDBOX_MAX_SCRATCH"
+ENV_MAX_DOWNLOADS = "FLOWHUB_SANDBOX_MAX_DOWNLOADS"
+ENV_MAX_DOWNLOAD_BYTES = "FLOWHUB_SANDBOX_MAX_DOWNLOAD_BYTES"
+ENV_MAX_OUTPUT = "FLOWHUB_SANDBOX_MAX_OUTPUT"
+DEFAULT_MAX_MEMORY = 4 << 30
 DEFAULT_MAX_PROCESSES = 64
-#: ``<hub>/checkpoints/<this>/``: weights downloaded for sandboxed workers, apart from the files
-#: trusted loads use, so an untrusted hubconf cannot plant a checkpoint under a name they would load.
-SANDBOXED_DIR = ".sandboxed"
+DEFAULT_MAX_CPU = 3600
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_MAX_SCRATCH = 1 << 30
+DEFAULT_MAX_DOWNLOADS = 32
+DEFAULT_MAX_DOWNLOAD_BYTES = 16 << 30
+DEFAULT_MAX_OUTPUT = 1 << 20
+#: A zip a sandboxed hubconf had fetched may not expand by more than this (real checkpoints: ~1.1).
+MAX_EXTRACT_RATIO = 100
 ENV_ALLOWED_HOSTS = "FLOWHUB_SANDBOX_ALLOWED_HOSTS"
 _WATCH_INTERVAL = 0.1
 
@@ -79,22 +104,34 @@ def parse_size(text: str, name: str) -> int:
 
 def allowed_hosts(settings: Any) -> List[str]:
     """Hosts a sandboxed hubconf may have the caller fetch from: the configured GitHub endpoints, plus
-    ``FLOWHUB_SANDBOX_ALLOWED_HOSTS`` (comma-separated ``host`` or ``host:port``; ``*`` allows any)."""
-    hosts = [urlsplit(settings.github_url).netloc.lower(), urlsplit(settings.github_api_url).netloc.lower()]
+    ``FLOWHUB_SANDBOX_ALLOWED_HOSTS`` (comma-separated ``host`` or ``host:port``; ``*`` allows any). A
+    bare ``host`` stands for the default ports (80, 443) only; see :func:`flowhub.urls.allows`."""
+    from flowhub import urls
+
+    hosts = []
+    for endpoint in (settings.github_url, settings.github_api_url):
+        try:
+            hosts.append(urls.authority(endpoint))
+        except ValueError:  # not an http(s) URL: nothing can be fetched from it anyway
+            pass
     extra = os.environ.get(ENV_ALLOWED_HOSTS, "")
     return hosts + [h.strip().lower() for h in extra.split(",") if h.strip()]
 
 
 def _check_allowed_host(url: str, settings: Any) -> None:
-    parts = urlsplit(url)
-    netloc, host = parts.netloc.lower(), (parts.hostname or "").lower()
+    """Refuse (``PermissionError``) a URL a sandboxed hubconf asked for unless it is a plain http(s) URL
+    on an allowed host, as the HTTP client will parse it (:func:`flowhub.urls.check_allowed`)."""
+    from flowhub import urls
+
     allowed = allowed_hosts(settings)
-    if "*" in allowed or netloc in allowed or host in allowed:
-        return
-    raise PermissionError(
-        f"a sandboxed hubconf asked for {url!r:.200}, but {netloc} is not one of the configured endpoints "
-        f"({', '.join(allowed)}); the caller only fetches from those. To allow it, add the host to "
-        f"{ENV_ALLOWED_HOSTS} (comma-separated; '*' allows any).")
+    try:
+        urls.check_allowed(url, allowed)
+    except PermissionError as exc:
+        raise PermissionError(
+            f"a sandboxed hubconf's fetch was refused: {exc}. The caller fetches only plain http(s) URLs "
+            f"(no credentials, backslashes or spaces) from the configured endpoints ({', '.join(allowed)}); "
+            f"to allow another host, add it to {ENV_ALLOWED_HOSTS} (comma-separated host or host:port; "
+            "'*' allows any).") from None
 
 
 def _physical_memory() -> int:
@@ -104,36 +141,80 @@ def _physical_memory() -> int:
         return 16 << 30
 
 
+def _positive(env: Dict[str, str], name: str, default: float, kind: type = int) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} is not a positive number")
+    return value
+
+
+def _size(env: Dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    return parse_size(raw, name) if raw else default
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What each sandboxed worker may use, read from the environment when it starts."""
+    """What each sandboxed worker may use, read from the environment when it starts (see the table in
+    the module docstring). Every limit is enforced by the kernel or by the caller, never by the worker."""
 
-    max_memory: int
-    max_processes: int
+    max_memory: int = DEFAULT_MAX_MEMORY
+    max_processes: int = DEFAULT_MAX_PROCESSES
     min_strength: str = "strong"
+    max_cpu: int = DEFAULT_MAX_CPU
+    timeout: float = DEFAULT_TIMEOUT
+    max_scratch: int = DEFAULT_MAX_SCRATCH
+    max_downloads: int = DEFAULT_MAX_DOWNLOADS
+    max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
+    max_output: int = DEFAULT_MAX_OUTPUT
 
     @classmethod
     def from_env(cls, env: Optional[Dict[str, str]] = None) -> "Limits":
-        env = os.environ if env is None else env
-        raw = env.get(ENV_MAX_MEMORY, "").strip()
-        memory = parse_size(raw, ENV_MAX_MEMORY) if raw else _physical_memory() // 2
-        raw = env.get(ENV_MAX_PROCESSES, "").strip()
-        try:
-            processes = int(raw) if raw else DEFAULT_MAX_PROCESSES
-        except ValueError:
-            processes = 0
-        if processes < 1:
-            raise ValueError(f"{ENV_MAX_PROCESSES}={raw!r} is not a positive number")
+        env = dict(os.environ if env is None else env)
         strength = (env.get(ENV_MIN_STRENGTH) or "strong").strip().lower()
         if strength not in STRENGTHS:
             raise ValueError(f"{ENV_MIN_STRENGTH}={strength!r}: use one of {', '.join(STRENGTHS)}")
-        return cls(memory, processes, strength)
+        return cls(max_memory=_size(env, ENV_MAX_MEMORY, DEFAULT_MAX_MEMORY),
+                   max_processes=_positive(env, ENV_MAX_PROCESSES, DEFAULT_MAX_PROCESSES),
+                   min_strength=strength,
+                   max_cpu=_positive(env, ENV_MAX_CPU, DEFAULT_MAX_CPU),
+                   timeout=_positive(env, ENV_TIMEOUT, DEFAULT_TIMEOUT, float),
+                   max_scratch=_size(env, ENV_MAX_SCRATCH, DEFAULT_MAX_SCRATCH),
+                   max_downloads=_positive(env, ENV_MAX_DOWNLOADS, DEFAULT_MAX_DOWNLOADS),
+                   max_download_bytes=_size(env, ENV_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_DOWNLOAD_BYTES),
+                   max_output=_size(env, ENV_MAX_OUTPUT, DEFAULT_MAX_OUTPUT))
 
-    @property
-    def max_data(self) -> int:
-        """``RLIMIT_DATA`` inside the worker: a per-process backstop on *reserved* memory, well above
-        what the watchdog allows to be *resident*, so a big allocation fails with MemoryError there."""
-        return 2 * self.max_memory + (1 << 30)
+    def policy_options(self) -> Dict[str, Any]:
+        """The :class:`~flowhub.sandbox.SandboxPolicy` fields these limits set inside the worker:
+        ``RLIMIT_DATA`` and ``RLIMIT_FSIZE`` at the memory cap (a memfd is a file: no single one can
+        outgrow it), ``RLIMIT_CPU``, the process count, and the scratch tmpfs quota."""
+        return {"max_memory": self.max_memory, "max_file_size": self.max_memory, "cpu_seconds": self.max_cpu,
+                "max_processes": self.max_processes, "max_scratch": self.max_scratch}
+
+    def describe(self) -> Dict[str, str]:
+        """Each limit with its effective value and how it is enforced (for ``flowhub doctor``)."""
+        size = units.human_size
+        return {
+            "memory": f"{size(self.max_memory)} ({ENV_MAX_MEMORY}): RLIMIT_DATA and RLIMIT_FSIZE in the worker, "
+                      f"and the caller's watchdog on its processes' memory and memfds",
+            "processes": f"{self.max_processes} ({ENV_MAX_PROCESSES}): RLIMIT_NPROC, the caller's watchdog, "
+                         f"and a PID namespace that dies with the worker",
+            "cpu": f"{self.max_cpu} s over the worker's life ({ENV_MAX_CPU}): RLIMIT_CPU",
+            "call time": f"{self.timeout:g} s per call unless FLOWHUB_WORKER_TIMEOUT says otherwise "
+                         f"({ENV_TIMEOUT}): the caller kills the worker",
+            "scratch": f"{size(self.max_scratch)} ({ENV_MAX_SCRATCH}): a tmpfs of that size",
+            "downloads": f"{self.max_downloads} files and {size(self.max_download_bytes)} per call, extraction "
+                         f"included, at most {MAX_EXTRACT_RATIO}x a zip's size ({ENV_MAX_DOWNLOADS}, "
+                         f"{ENV_MAX_DOWNLOAD_BYTES}): the caller, which makes them",
+            "output": f"{size(self.max_output)} of stdout and stderr per call ({ENV_MAX_OUTPUT}): "
+                      f"the caller relays it, prefixed, then drops the rest",
+        }
 
 
 class _SandboxZygote(ZygoteHandle):
@@ -170,6 +251,38 @@ class _Slot:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclasses.dataclass
+class _Quota:
+    """What one call of a sandboxed worker may still have the caller fetch (files, bytes), kept in the
+    call's state; a fetch over it raises :class:`PermissionError`, which the hubconf sees."""
+
+    limits: Limits
+    files: int = 0
+    bytes: int = 0
+
+    @classmethod
+    def of(cls, state: dict, limits: Limits) -> "_Quota":
+        quota = state.get("quota")
+        if quota is None:
+            quota = state["quota"] = cls(limits)
+        return quota
+
+    def left(self) -> int:
+        return max(self.limits.max_download_bytes - self.bytes, 0)
+
+    def take_file(self, url: str) -> None:
+        self.files += 1
+        if self.files > self.limits.max_downloads:
+            raise PermissionError(f"a sandboxed hubconf asked for more than {self.limits.max_downloads} downloads "
+                                  f"in one call ({url!r:.200} refused; {ENV_MAX_DOWNLOADS})")
+
+    def take_bytes(self, size: int, url: str) -> None:
+        self.bytes += size
+        if self.bytes > self.limits.max_download_bytes:
+            raise PermissionError(f"the downloads of one sandboxed call passed {units.human_size(self.limits.max_download_bytes)} "
+                                  f"with {url!r:.200} ({ENV_MAX_DOWNLOAD_BYTES})")
+
+
 def _state(pid: int) -> Optional[str]:
     """The one-letter state of ``pid`` (``"Z"`` for a zombie), or None if it is gone."""
     try:
@@ -178,6 +291,16 @@ def _state(pid: int) -> Optional[str]:
         return stat[stat.rindex(b")") + 2:].split()[0].decode()
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _let_shim_finish(pid: int, grace: float = 0.5) -> None:
+    """A sandboxed worker runs under a shim (its pid here) that ends the way the worker ended: once the
+    worker itself is gone, give the shim a moment to say how, before it is killed with the rest."""
+    from flowhub.sandbox.limits import tree
+
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _state(pid) not in (None, "Z") and tree(pid) == [pid]:
+        time.sleep(0.005)
 
 
 def _plain_name(name: Any, what: str) -> str:
@@ -269,19 +392,27 @@ class SandboxHost:
         if hub_dir:
             os.makedirs(hub_dir, exist_ok=True)  # Landlock grants only paths that exist
         spec = {k: v for k, v in spec.items() if k != "env"}
-        spec.update(cwd=slot.scratch, sandbox={
-            "scratch": slot.scratch, "hub_dir": hub_dir, "read_paths": [slot.inbox], "max_data": limits.max_data,
-            "max_processes": limits.max_processes, "min_strength": limits.min_strength})
+        spec.update(cwd=slot.scratch, sandbox=dict(
+            limits.policy_options(), scratch=slot.scratch, hub_dir=hub_dir, read_paths=[slot.inbox],
+            min_strength=limits.min_strength))
+        relay, key = output.relay(), -self._count  # keyed by pid once the worker has one
+        out_w, err_w = relay.pipes(key, label, limits.max_output)
         try:
             with zygote.lock:
-                reply = zygote.request({"op": "fork", "spec": spec}, (sock_fd,))
+                reply = zygote.request({"op": "fork", "spec": spec}, (sock_fd, out_w, err_w))
         except BaseException:
+            relay.forget(key)
             slot.remove()
             raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
         if "pid" not in reply:
+            relay.forget(key)
             slot.remove()
             raise WorkerCrashedError(f"{label}: the sandbox zygote could not fork a worker: {reply.get('error')}")
         pid = int(reply["pid"])
+        relay.rekey(key, pid)
         with self._lock:
             self._slots[pid] = slot
         self._watchdog(limits).watch(pid)
@@ -309,6 +440,7 @@ class SandboxHost:
 
         with self._lock:
             slot = self._slots.pop(pid, None)
+        _let_shim_finish(pid)
         died_alone = _state(pid) in (None, "Z")
         kill_tree(pid)  # always: a worker's subprocesses must never outlive it
         status: dict = {"unknown": True}
@@ -331,7 +463,15 @@ class SandboxHost:
                 status = dict(status, cause=cause)
         with self._lock:
             self._kills.pop(pid, None)
+        output.relay().forget(pid)
         return status
+
+    def begin_call(self, pid: Optional[int]) -> Limits:
+        """A call to sandboxed worker ``pid`` starts: reset its output budget; returns its limits."""
+        output.relay().begin_call(pid or 0)
+        with self._lock:
+            slot = self._slots.get(pid) if pid is not None else None
+        return slot.limits if slot is not None else Limits.from_env()
 
     def _cause(self, pid: int, status: dict, died_alone: bool, limits: Limits) -> Optional[str]:
         kill = None
@@ -390,7 +530,9 @@ class SandboxHost:
             raise ValueError(f"a sandboxed worker may have http(s) URLs fetched, not {str(url)!r:.200}")
         settings = _settings(values)
         _check_allowed_host(url, settings)
-        client = HttpClient(settings)
+        client = HttpClient(settings, allow_url=lambda hop: _check_allowed_host(hop, settings))
+        quota = _Quota.of(state, slot.limits)
+        quota.take_file(url)
         progress = header.get("progress") is not False
         expected = values.get("expected_weights") if isinstance(values.get("expected_weights"), dict) else {}
         if header.get("kind") == "weights":
@@ -422,7 +564,11 @@ class SandboxHost:
                                                    refresh=refresh)
             if not _inside(cached, settings.hub_dir):
                 raise ValueError(f"refusing to hand {cached} to a sandboxed worker: it is outside the hub folder")
+            quota.take_bytes(os.path.getsize(cached), url)
             if zipfile.is_zipfile(cached):  # the worker cannot write the extracted folder itself
+                with zipfile.ZipFile(cached) as zf:  # a zip bomb is refused before a byte is written
+                    expands = check_expansion(zf.infolist(), cached, quota.left(), MAX_EXTRACT_RATIO)
+                quota.take_bytes(expands, url)
                 checkpoints.extracted_checkpoint(cached, settings.lock_timeout)
             fingerprint = checkpoints.fingerprint(folder, os.path.basename(cached), url)
             path = cached
@@ -435,6 +581,7 @@ class SandboxHost:
             name = name if name not in ("", ".", "..") and len(name) <= 200 else "download"
             target = os.path.join(slot.inbox, f"{slot.downloads}-{name}")
             result = download(client, url, target, hash_prefix=prefix, progress=progress)
+            quota.take_bytes(result.size, url)
             fingerprint = {"url": url, "file": name, "size": result.size, "sha256": result.sha256}
             path = result.path
         check_weight(url, fingerprint.get("sha256"), fingerprint.get("size"), expected.get(url))

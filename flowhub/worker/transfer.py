@@ -26,7 +26,7 @@ import numpy as np
 from flowhub.errors import TransferError
 
 ALIGN = 64
-MAX_ENTRIES = 1 << 20
+MAX_ENTRIES = 1 << 17  # tensors in one payload (large models have a few thousand)
 MAX_NDIM = 64
 _CHUNK = 1 << 30  # one pwrite never moves more than this (Linux caps a write near 2 GiB)
 
@@ -127,6 +127,9 @@ def validate(table: object, size: int) -> List[tuple]:
     for (_, end, i), (start, _, j) in zip(extents, extents[1:]):
         if start < end:
             raise TransferError(f"tensor table entries {i} and {j} overlap")
+    used = max((end for _, end, _ in extents), default=0)
+    if size > used + ALIGN:  # bytes nobody asked for: never mapped, let alone faulted in
+        raise TransferError(f"the payload is {size} bytes but its tensor table uses only {used}")
     return out
 
 
@@ -173,6 +176,8 @@ def unpack(fd: Optional[int], size: int, table: object, populate: bool = False) 
         if fd is None:
             raise TransferError(f"{size} bytes announced but no memfd received")
         check_fd(fd, size)
+        # pre-fault only a memfd whose pages exist: faulting a sparse one would allocate its holes here
+        populate = populate and os.fstat(fd).st_blocks * 512 >= size - ALIGN
         base = np.asarray(_Mapping(fd, size, populate))
     finally:
         if fd is not None:

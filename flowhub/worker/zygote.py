@@ -7,7 +7,8 @@ imports flowhub, oneflow, numpy and cloudpickle (never repository code), says
 ``{"ready": true}``, then serves, one at a time::
 
     {"op": "fork", "spec": {repo_dir, mock_torch, env, cwd, sys_path}} + the worker's socket fd
-        -> {"pid": N}; the child sets itself up and runs flowhub.worker.child.main
+        [+ the write ends of its stdout and stderr pipes] -> {"pid": N}; the child sets itself up
+        and runs flowhub.worker.child.main
     {"op": "reap", "pid": N, "kill": bool} -> {"exitcode": C} | {"signal": S} | {"unknown": true}
     {"op": "exit"} -> kills every worker and exits
 
@@ -25,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Optional, Set
+from typing import Optional, Sequence, Set
 
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
@@ -55,19 +56,25 @@ class Zygote:
         self.sock = sock
         self.children: Set[int] = set()  # forked and not reaped yet
 
-    def fork(self, spec: dict, sock_fd: int) -> int:
+    def fork(self, spec: dict, sock_fd: int, output: Sequence[int] = ()) -> int:
+        """Fork a worker serving ``sock_fd``; ``output`` (optional): the write ends of the pipes that
+        become its stdout and stderr (sandboxed workers never get the caller's own descriptors)."""
         pid = os.fork()
         if pid == 0:  # --- the worker ---
             try:
                 self.sock.close()
                 set_parent_death_signal(_zygote_pid, b"flowhub-worker")
+                for target, fd in zip((1, 2), output):
+                    os.dup2(fd, target)
+                    os.close(fd)
                 _prepare_worker(spec)
                 from flowhub.worker import child
 
                 child.main(sock_fd, spec)
             finally:
                 os._exit(70)
-        os.close(sock_fd)
+        for fd in (sock_fd, *output):
+            os.close(fd)
         self.children.add(pid)
         return pid
 
@@ -121,8 +128,8 @@ class Zygote:
             except (protocol.PeerClosed, ConnectionError):
                 return
             op = header.get("op")
-            if op == "fork" and len(fds) == 1:
-                reply = {"pid": self.fork(header.get("spec") or {}, fds[0])}
+            if op == "fork" and len(fds) in (1, 3):
+                reply = {"pid": self.fork(header.get("spec") or {}, fds[0], fds[1:])}
             elif op == "reap":
                 protocol.close_fds(fds)
                 reply = self.reap(int(header["pid"]), bool(header.get("kill")))
