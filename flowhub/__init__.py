@@ -8,7 +8,7 @@ from flowhub import _native_libs
 
 _native_libs.preload()
 
-__version__ = "0.1.0"
+from flowhub._version import __version__  # noqa: E402,F401  (re-exported)
 
 from flowhub.api import (  # noqa: E402
     download_url_to_file,
@@ -20,7 +20,7 @@ from flowhub.api import (  # noqa: E402
     load_weights,
     set_dir,
 )
-from flowhub.checkpoints import HASH_REGEX  # noqa: E402
+from flowhub.cache.checkpoints import HASH_REGEX  # noqa: E402
 from flowhub.entrypoints import MODULE_HUBCONF, VAR_DEPENDENCY  # noqa: E402
 from flowhub.errors import (  # noqa: E402
     ArchiveError,
@@ -47,7 +47,7 @@ from flowhub.errors import (  # noqa: E402
     WorkerTimeoutError,
 )
 from flowhub.hub import Hub  # noqa: E402
-from flowhub.worker.proxy import Proxy  # noqa: E402  (cheap: no oneflow import)
+from flowhub.worker.host.proxy import Proxy  # noqa: E402  (cheap: no oneflow import)
 from flowhub.settings import ENV_GITHUB_TOKEN, ENV_ONEFLOW_HOME, ENV_XDG_CACHE_HOME  # noqa: E402
 
 __all__ = [

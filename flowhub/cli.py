@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from flowhub import trust
+from flowhub.cache import trust
 from flowhub.errors import FlowhubError
 from flowhub.hub import Hub
 from flowhub.spec import parse_repo_spec
@@ -78,7 +78,7 @@ def summarize(obj: Any, input_shape: Optional[str] = None) -> str:
         import oneflow.nn as nn
     except ImportError:  # pragma: no cover - oneflow is a dependency
         return repr(obj)
-    from flowhub.worker.proxy import Proxy, remote_isinstance, remote_type
+    from flowhub.worker.host.proxy import Proxy, remote_isinstance, remote_type
 
     proxied = isinstance(obj, Proxy)
     if not (isinstance(obj, nn.Module) or (proxied and remote_isinstance(obj, nn.Module))):
@@ -128,8 +128,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from flowhub import checkpoints, repos
-    from flowhub.provenance import Lockfile, check_weight
+    from flowhub.cache import checkpoints, repos
+    from flowhub.cache.provenance import Lockfile, check_weight
     from flowhub.spec import parse_repo_spec as parse
 
     lock = Lockfile(args.lockfile)
@@ -138,7 +138,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     data = lock.read()
     hub = _hub(args)
-    client = hub._client()
+    client = hub.client()
     failures = 0
     for key, entry in sorted(data["repos"].items()):
         try:
@@ -167,10 +167,10 @@ def cmd_download(args: argparse.Namespace) -> int:
         hub.download_url_to_file(args.url, args.output, hash_prefix=args.hash_prefix, progress=not args.quiet)
         print(os.path.abspath(args.output))
     else:
-        from flowhub import checkpoints
+        from flowhub.cache import checkpoints
 
         folder = args.model_dir or os.path.join(hub.get_dir(), "checkpoints")
-        path = checkpoints.fetch_weights(hub._client(), args.url, folder, progress=not args.quiet,
+        path = checkpoints.fetch_weights(hub.client(), args.url, folder, progress=not args.quiet,
                                          check_hash=args.check_hash, file_name=args.file_name)
         print(path)
     return 0
@@ -202,10 +202,10 @@ def doctor_info(hub_dir: Optional[str] = None) -> Dict[str, Any]:
     a worker, measured by :func:`flowhub.sandbox.probe` in a throwaway child process."""
     import platform
 
-    import flowhub
+    from flowhub._version import __version__
     from flowhub import sandbox
-    from flowhub.provenance import oneflow_version
-    from flowhub.worker.sandbox_host import Limits
+    from flowhub.cache.provenance import oneflow_version
+    from flowhub.settings import SandboxLimits as Limits
 
     hub = Hub(hub_dir=hub_dir)
     settings = hub.settings()
@@ -217,7 +217,7 @@ def doctor_info(hub_dir: Optional[str] = None) -> Dict[str, Any]:
     # the very policy a sandboxed worker gets (limits included), applied in a throwaway child
     options = worker_limits.policy_options() if worker_limits is not None else {}
     report = sandbox.probe(sandbox.SandboxPolicy.for_worker(settings.hub_dir, "/nonexistent-scratch", **options))
-    return {"flowhub": flowhub.__version__, "python": platform.python_version(), "executable": sys.executable,
+    return {"flowhub": __version__, "python": platform.python_version(), "executable": sys.executable,
             "oneflow": oneflow_version(), "platform": platform.platform(), "uid": os.getuid(),
             "hub_dir": settings.hub_dir, "mode": settings.mode, "sandbox_enabled": settings.sandbox,
             "sandbox_limits": limits, "sandbox": report.as_dict(), "report": sandbox.format_report(report)}
@@ -245,7 +245,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _file_name(text: str) -> str:
-    from flowhub.checkpoints import check_file_name
+    from flowhub.cache.checkpoints import check_file_name
 
     return check_file_name(text, "--file-name")
 
@@ -277,7 +277,7 @@ def _print_entries(entries, as_json: bool) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from flowhub import inventory
+    from flowhub.cache import inventory
 
     hub_dir = _hub(args).get_dir()
     if args.action == "ls":
@@ -303,7 +303,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"{verb} {e.kind} {e.name} ({human_size(e.size)})")
     for path in leftovers:
         if not args.dry_run:
-            from flowhub import store
+            from flowhub.cache import store
 
             store.remove_tree(path)
         print(f"{verb} leftover {path}")

@@ -110,7 +110,7 @@ def guess_inputs(model: Any) -> Optional[Tuple[Any, ...]]:
     import oneflow as flow
     import oneflow.nn as nn
 
-    from flowhub.worker.proxy import remote_isinstance  # isinstance that also sees through proxies
+    from flowhub.worker.host.proxy import remote_isinstance  # isinstance that also sees through proxies
 
     for module in model.modules():
         for cls, spatial in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
@@ -126,7 +126,7 @@ def compare_models(model_a: Any, model_b: Any, result: Comparison, inputs: Optio
     import oneflow as flow
     import oneflow.nn as nn
 
-    from flowhub.worker.proxy import remote_isinstance  # mode="proxy": the models stay in their workers
+    from flowhub.worker.host.proxy import remote_isinstance  # mode="proxy": the models stay in their workers
 
     if not (remote_isinstance(model_a, nn.Module) and remote_isinstance(model_b, nn.Module)):
         same = repr(model_a) == repr(model_b)

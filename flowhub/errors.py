@@ -6,6 +6,7 @@ catches ``RuntimeError`` or ``ValueError`` around a hub call keeps working.
 from __future__ import annotations
 
 import pickle
+from typing import Optional
 
 
 class FlowhubError(Exception):
@@ -86,11 +87,45 @@ class WorkerError(FlowhubError, RuntimeError):
 
 
 class WorkerCrashedError(WorkerError):
-    """The worker process died (its exit code or signal is in the message)."""
+    """The worker process died: ``context`` (the call), ``pid`` and ``how`` (its exit code, signal or
+    the limit that ended it) say which and how. Built from a message alone for other crashes."""
+
+    def __init__(self, message: str = "", *, context: str = "", pid: Optional[int] = None, how: str = "") -> None:
+        super().__init__(message or context)
+        self.context, self.pid, self.how, self.message = context, pid, how, message
+
+    def __str__(self) -> str:
+        if self.message:
+            return self.message
+        return (f"{self.context}: the worker process (pid {self.pid}) died: {self.how}. "
+                "The next call starts a fresh worker.")
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_error, (type(self), self.message, {"context": self.context, "pid": self.pid, "how": self.how})
 
 
 class WorkerTimeoutError(WorkerError, TimeoutError):
-    """One call into a worker took longer than ``FLOWHUB_WORKER_TIMEOUT`` seconds; the worker was killed."""
+    """One call into a worker took longer than ``timeout`` seconds (``FLOWHUB_WORKER_TIMEOUT``); its
+    worker (``pid``) was killed. Built from a message alone for other timeouts."""
+
+    def __init__(self, message: str = "", *, context: str = "", pid: Optional[int] = None,
+                 timeout: Optional[float] = None, what: str = "worker process") -> None:
+        super().__init__(message or context)
+        self.context, self.pid, self.timeout, self.what, self.message = context, pid, timeout, what, message
+
+    def __str__(self) -> str:
+        if self.message:
+            return self.message
+        return (f"{self.context} did not finish within {self.timeout:g} s, so its {self.what} (pid {self.pid}) "
+                "was killed (worker_timeout / FLOWHUB_WORKER_TIMEOUT)")
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_error, (type(self), self.message, {"context": self.context, "pid": self.pid,
+                                                           "timeout": self.timeout, "what": self.what})
+
+
+def _rebuild_error(cls: type, message: str, fields: dict) -> BaseException:
+    return cls(message, **fields)
 
 
 class HubconfError(WorkerError):

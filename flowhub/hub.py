@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-from flowhub import checkpoints, entrypoints, repos, settings as settings_mod
-from flowhub.download import download
+from flowhub.cache import checkpoints, repos
+from flowhub import context, entrypoints, settings as settings_mod
+from flowhub.compare import Comparison, compare_models
 from flowhub.errors import RepoSpecError
-from flowhub.network import HttpClient
-from flowhub.provenance import Lockfile, Provenance
+from flowhub.net.http import HttpClient
+from flowhub.cache.provenance import Lockfile, Provenance
 from flowhub.settings import Settings
 from flowhub.spec import parse_repo_spec
-from flowhub.trust import TrustArg
+from flowhub.cache.trust import TrustArg
 
-if TYPE_CHECKING:
-    from flowhub.compare import Comparison
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -69,7 +68,8 @@ class Hub:
         """The effective settings, read from the environment now."""
         return settings_mod.resolve(self._overrides)
 
-    def _client(self) -> HttpClient:
+    def client(self) -> HttpClient:
+        """An HTTP client under this hub's settings, read now."""
         return HttpClient(self.settings())
 
     # -- hub directory ----------------------------------------------------------------------------
@@ -127,7 +127,7 @@ class Hub:
 
     def compare(self, repo_a: str, repo_b: str, model: str, *args: Any, inputs: Any = None,
                 trust_repo: TrustArg = None, force_reload: bool = False, skip_validation: bool = False,
-                **kwargs: Any) -> "Comparison":
+                **kwargs: Any) -> Comparison:
         """Load entrypoint ``model`` from two repos (``owner/repo[:ref]`` or local folders) side by side and compare
         entrypoints, parameters and buffers, and outputs for ``inputs`` (guessed from the first layer if omitted).
 
@@ -137,7 +137,6 @@ class Hub:
         import copy
         from concurrent.futures import ThreadPoolExecutor
 
-        from flowhub.compare import Comparison, compare_models
 
         hub = self
         if self.settings().mode == "inprocess":
@@ -163,7 +162,7 @@ class Hub:
                   calling_fn: str, verbose: bool, untrusted_ok: bool = False) -> repos.Checkout:
         spec = parse_repo_spec(github)
         pinned = self.lockfile.pinned_sha(spec) if self.lockfile is not None else None
-        return repos.get_checkout(self._client(), spec, force_reload=force_reload, skip_validation=skip_validation,
+        return repos.get_checkout(self.client(), spec, force_reload=force_reload, skip_validation=skip_validation,
                                   trust_repo=trust_repo, calling_fn=calling_fn, verbose=verbose, pinned_sha=pinned,
                                   untrusted_ok=untrusted_ok)
 
@@ -182,8 +181,6 @@ class Hub:
              args: tuple = (), kwargs: Optional[dict] = None, refresh_weights: bool = False,
              weights: Optional[List[Dict[str, Any]]] = None) -> Any:
         """Run list/help/load where the mode says; weight files the entrypoint used are appended to ``weights``."""
-        from flowhub import api
-
         settings = self.settings()
         expected = self.lockfile.expected_weights() if self.lockfile is not None else None
         if settings.sandbox and settings.mode == "inprocess":
@@ -197,18 +194,17 @@ class Hub:
                 "Use it only for repositories you trust; the sandbox's default, mode='proxy', keeps the result "
                 "in the worker.", stacklevel=3)
         if settings.mode == "inprocess":
-            with api.serving(self, refresh_weights, expected) as used:
+            with context.serving(settings, refresh_weights, expected) as used:
                 try:
                     return entrypoints.run_in_process(repo_dir, op, model, args, kwargs)
                 finally:
                     if weights is not None:
                         weights.extend(used)
-        from flowhub.worker import get_manager
+        from flowhub.worker.host.pool import get_manager
 
         return get_manager().call(repo_dir=repo_dir, key=key, op=op, model=model,
                                   args=tuple(args), kwargs=dict(kwargs or {}), mode=mode, sandbox=settings.sandbox,
-                                  settings=dict(settings.as_dict(), refresh_weights=refresh_weights,
-                                                expected_weights=expected),
+                                  settings=context.CallSettings(settings, refresh_weights, expected).to_wire(),
                                   timeout=settings.worker_timeout, label=label, mock_torch=self.mock_torch,
                                   weights=weights)
 
@@ -216,15 +212,7 @@ class Hub:
     def download_url_to_file(self, url: str, dst: PathLike, hash_prefix: Optional[str] = None,
                              progress: bool = True) -> None:
         """Download ``url`` to ``dst`` (atomically, resumably, verified against ``hash_prefix`` if given)."""
-        from flowhub import api
-        from flowhub.worker import sandbox_child
-
-        if sandbox_child.channel() is not None:  # in a sandboxed worker: the caller downloads it
-            api.note_weights(sandbox_child.download_file(url, os.fspath(dst), hash_prefix, progress))
-            return
-        result = download(self._client(), url, os.fspath(dst), hash_prefix=hash_prefix, progress=progress)
-        api.note_weights({"url": url, "file": os.path.basename(result.path), "size": result.size,
-                          "sha256": result.sha256})
+        context.download_url_to_file(url, dst, hash_prefix, progress, settings=self.settings())
 
     def load_state_dict_from_url(self, url: str, model_dir: Optional[PathLike] = None, map_location: Any = None,
                                  progress: bool = True, check_hash: bool = False,
@@ -234,24 +222,8 @@ class Hub:
         ``weights_only=True``: unpickle it in a sandboxed worker and return only its tensors and plain
         values (see :meth:`load_weights`).
         """
-        from flowhub import api
-        from flowhub.worker import sandbox_child
-
-        lock_timeout = self.settings().lock_timeout
-        if sandbox_child.channel() is not None:  # in a sandboxed worker: the caller downloads it
-            cached, fingerprint = sandbox_child.fetch_weights(url, None if model_dir is None else os.fspath(model_dir),
-                                                              progress, check_hash, file_name)
-            api.note_weights(fingerprint)
-        else:
-            client = self._client()
-            folder = os.fspath(model_dir) if model_dir is not None else os.path.join(client.settings.hub_dir,
-                                                                                     "checkpoints")
-            cached = checkpoints.fetch_weights(client, url, folder, progress=progress, check_hash=check_hash,
-                                               file_name=file_name, refresh=api.claim_refresh)
-            api.note_weights(checkpoints.fingerprint(folder, os.path.basename(cached), url))
-        if weights_only:
-            return self.load_weights(cached, map_location)
-        return checkpoints.load_checkpoint(cached, map_location, lock_timeout)
+        return context.load_state_dict_from_url(url, model_dir, map_location, progress, check_hash, file_name,
+                                                weights_only, settings=self.settings())
 
     def load_weights(self, path: PathLike, map_location: Any = None, weights_only: bool = True) -> Any:
         """Load a local checkpoint (a oneflow checkpoint folder, a file, or a zip of a folder).
@@ -266,6 +238,13 @@ class Hub:
         settings = self.settings()
         if not weights_only:
             return checkpoints.load_checkpoint(os.fspath(path), map_location, settings.lock_timeout)
-        from flowhub.worker import weights
+        return _load_weights_only(path, map_location, settings)
 
-        return weights.load(path, map_location, lock_timeout=settings.lock_timeout, timeout=settings.worker_timeout)
+
+def _load_weights_only(path: PathLike, map_location: Any, settings: Settings) -> Any:
+    from flowhub.worker.host import weights_only  # delayed: it starts worker machinery on first use
+
+    return weights_only.load(path, map_location, lock_timeout=settings.lock_timeout, timeout=settings.worker_timeout)
+
+
+context.set_weights_only_loader(_load_weights_only)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
+
+from flowhub import units
 
 ENV_ONEFLOW_HOME = "ONEFLOW_HOME"
 ENV_XDG_CACHE_HOME = "XDG_CACHE_HOME"
@@ -111,11 +113,19 @@ class Settings:
     sandbox: bool = False
     github_token: Optional[str] = dataclasses.field(default=None, repr=False)
 
-    def as_dict(self) -> dict:
-        """The settings a worker gets: everything but the token (a worker reads its own environment)."""
+    def to_wire(self) -> dict:
+        """The settings a worker gets, as plain JSON values: everything but the token."""
         data = dataclasses.asdict(self)
         del data["github_token"]
         return data
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "Settings":
+        """The settings :meth:`to_wire` made, checked field by field (never a token)."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "github_token"}
+        if not isinstance(data, dict) or set(data) - set(fields) or not isinstance(data.get("hub_dir"), str):
+            raise ValueError(f"malformed settings from the caller: {str(data)[:200]}")
+        return cls(**{k: v for k, v in data.items()})
 
 
 _process_hub_dir: Optional[str] = None
@@ -173,3 +183,143 @@ def resolve(overrides: Mapping[str, Any], env: Optional[Mapping[str, str]] = Non
         sandbox=sandbox,
         github_token=env.get(ENV_GITHUB_TOKEN) or None,
     )
+
+
+# -- sandboxed workers ------------------------------------------------------------------------------
+#: Sandbox strengths, weakest first (``FLOWHUB_SANDBOX_MIN_STRENGTH``).
+STRENGTHS = ("weak", "partial", "strong")
+ENV_SANDBOX_MAX_MEMORY = "FLOWHUB_SANDBOX_MAX_MEMORY"
+ENV_SANDBOX_MAX_PROCESSES = "FLOWHUB_SANDBOX_MAX_PROCESSES"
+ENV_SANDBOX_MIN_STRENGTH = "FLOWHUB_SANDBOX_MIN_STRENGTH"
+ENV_SANDBOX_MAX_CPU = "FLOWHUB_SANDBOX_MAX_CPU"
+ENV_SANDBOX_TIMEOUT = "FLOWHUB_SANDBOX_TIMEOUT"
+ENV_SANDBOX_MAX_SCRATCH = "FLOWHUB_SANDBOX_MAX_SCRATCH"
+ENV_SANDBOX_MAX_DOWNLOADS = "FLOWHUB_SANDBOX_MAX_DOWNLOADS"
+ENV_SANDBOX_MAX_DOWNLOAD_BYTES = "FLOWHUB_SANDBOX_MAX_DOWNLOAD_BYTES"
+ENV_SANDBOX_MAX_OUTPUT = "FLOWHUB_SANDBOX_MAX_OUTPUT"
+SANDBOX_DEFAULT_MAX_MEMORY = 4 << 30
+SANDBOX_DEFAULT_MAX_PROCESSES = 64
+SANDBOX_DEFAULT_MAX_CPU = 3600
+SANDBOX_DEFAULT_TIMEOUT = 600.0
+SANDBOX_DEFAULT_MAX_SCRATCH = 1 << 30
+SANDBOX_DEFAULT_MAX_DOWNLOADS = 32
+SANDBOX_DEFAULT_MAX_DOWNLOAD_BYTES = 16 << 30
+SANDBOX_DEFAULT_MAX_OUTPUT = 1 << 20
+#: A zip a sandboxed hubconf had fetched may not expand by more than this (real checkpoints: ~1.1).
+SANDBOX_MAX_EXTRACT_RATIO = 100
+ENV_SANDBOX_ALLOWED_HOSTS = "FLOWHUB_SANDBOX_ALLOWED_HOSTS"
+
+
+
+
+def _env_size_text(text: str, name: str) -> int:
+    """``"2G"``, ``"512M"``, ``"1.5GiB"`` or a number of bytes, for the variable ``name``."""
+    try:
+        size = units.parse_size(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ValueError(f"{name}={text!r} is not a size like 4G or 512M")
+    return size
+
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 16 << 30
+
+
+def _positive(env: Dict[str, str], name: str, default: float, kind: type = int) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} is not a positive number")
+    return value
+
+
+def _size(env: Dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    return _env_size_text(raw, name) if raw else default
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxLimits:
+    """What each sandboxed worker may use, read from the environment when it starts (see the table in
+    the module docstring). Every limit is enforced by the kernel or by the caller, never by the worker."""
+
+    max_memory: int = SANDBOX_DEFAULT_MAX_MEMORY
+    max_processes: int = SANDBOX_DEFAULT_MAX_PROCESSES
+    min_strength: str = "strong"
+    max_cpu: int = SANDBOX_DEFAULT_MAX_CPU
+    timeout: float = SANDBOX_DEFAULT_TIMEOUT
+    max_scratch: int = SANDBOX_DEFAULT_MAX_SCRATCH
+    max_downloads: int = SANDBOX_DEFAULT_MAX_DOWNLOADS
+    max_download_bytes: int = SANDBOX_DEFAULT_MAX_DOWNLOAD_BYTES
+    max_output: int = SANDBOX_DEFAULT_MAX_OUTPUT
+
+    @classmethod
+    def from_env(cls, env: Optional[Dict[str, str]] = None) -> "SandboxLimits":
+        env = dict(os.environ if env is None else env)
+        strength = (env.get(ENV_SANDBOX_MIN_STRENGTH) or "strong").strip().lower()
+        if strength not in STRENGTHS:
+            raise ValueError(f"{ENV_SANDBOX_MIN_STRENGTH}={strength!r}: use one of {', '.join(STRENGTHS)}")
+        return cls(max_memory=_size(env, ENV_SANDBOX_MAX_MEMORY, SANDBOX_DEFAULT_MAX_MEMORY),
+                   max_processes=_positive(env, ENV_SANDBOX_MAX_PROCESSES, SANDBOX_DEFAULT_MAX_PROCESSES),
+                   min_strength=strength,
+                   max_cpu=_positive(env, ENV_SANDBOX_MAX_CPU, SANDBOX_DEFAULT_MAX_CPU),
+                   timeout=_positive(env, ENV_SANDBOX_TIMEOUT, SANDBOX_DEFAULT_TIMEOUT, float),
+                   max_scratch=_size(env, ENV_SANDBOX_MAX_SCRATCH, SANDBOX_DEFAULT_MAX_SCRATCH),
+                   max_downloads=_positive(env, ENV_SANDBOX_MAX_DOWNLOADS, SANDBOX_DEFAULT_MAX_DOWNLOADS),
+                   max_download_bytes=_size(env, ENV_SANDBOX_MAX_DOWNLOAD_BYTES, SANDBOX_DEFAULT_MAX_DOWNLOAD_BYTES),
+                   max_output=_size(env, ENV_SANDBOX_MAX_OUTPUT, SANDBOX_DEFAULT_MAX_OUTPUT))
+
+    def policy_options(self) -> Dict[str, Any]:
+        """The :class:`~flowhub.sandbox.SandboxPolicy` fields these limits set inside the worker:
+        ``RLIMIT_DATA`` and ``RLIMIT_FSIZE`` at the memory cap (a memfd is a file: no single one can
+        outgrow it), ``RLIMIT_CPU``, the process count, and the scratch tmpfs quota."""
+        return {"max_memory": self.max_memory, "max_file_size": self.max_memory, "cpu_seconds": self.max_cpu,
+                "max_processes": self.max_processes, "max_scratch": self.max_scratch}
+
+    def describe(self) -> Dict[str, str]:
+        """Each limit with its effective value and how it is enforced (for ``flowhub doctor``)."""
+        size = units.human_size
+        return {
+            "memory": f"{size(self.max_memory)} ({ENV_SANDBOX_MAX_MEMORY}): RLIMIT_DATA and RLIMIT_FSIZE in the worker, "
+                      f"and the caller's watchdog on its processes' memory and memfds",
+            "processes": f"{self.max_processes} ({ENV_SANDBOX_MAX_PROCESSES}): RLIMIT_NPROC, the caller's watchdog, "
+                         f"and a PID namespace that dies with the worker",
+            "cpu": f"{self.max_cpu} s over the worker's life ({ENV_SANDBOX_MAX_CPU}): RLIMIT_CPU",
+            "call time": f"{self.timeout:g} s per call unless FLOWHUB_WORKER_TIMEOUT says otherwise "
+                         f"({ENV_SANDBOX_TIMEOUT}): the caller kills the worker",
+            "scratch": f"{size(self.max_scratch)} ({ENV_SANDBOX_MAX_SCRATCH}): a tmpfs of that size",
+            "downloads": f"{self.max_downloads} files and {size(self.max_download_bytes)} per call, extraction "
+                         f"included, at most {SANDBOX_MAX_EXTRACT_RATIO}x a zip's size ({ENV_SANDBOX_MAX_DOWNLOADS}, "
+                         f"{ENV_SANDBOX_MAX_DOWNLOAD_BYTES}): the caller, which makes them",
+            "output": f"{size(self.max_output)} of stdout and stderr per call ({ENV_SANDBOX_MAX_OUTPUT}): "
+                      f"the caller relays it, prefixed, then drops the rest",
+        }
+
+
+def sandbox_extra_hosts(env: Optional[Mapping[str, str]] = None) -> List[str]:
+    """``FLOWHUB_SANDBOX_ALLOWED_HOSTS``: hosts besides the GitHub endpoints a sandboxed hubconf may have
+    the caller fetch from (comma-separated ``host`` or ``host:port``; ``*`` allows any)."""
+    extra = (os.environ if env is None else env).get(ENV_SANDBOX_ALLOWED_HOSTS, "")
+    return [h.strip().lower() for h in extra.split(",") if h.strip()]
+
+
+def progress_disabled(env: Optional[Mapping[str, str]] = None) -> bool:
+    """``TQDM_DISABLE`` (set by ``flowhub -q``, inherited by workers): no progress bars."""
+    return (os.environ if env is None else env).get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes")
+
+
+def deprecated_variables(env: Optional[Mapping[str, str]] = None) -> List[str]:
+    """The reference's deprecated hub variables that are set (``ONEFLOW_HUB``, ``ONEFLOW_MODEL_ZOO``)."""
+    env = os.environ if env is None else env
+    return [name for name in ("ONEFLOW_HUB", "ONEFLOW_MODEL_ZOO") if env.get(name)]

@@ -385,7 +385,7 @@ def main() -> None:
             bench_transfer(repo, runs_xfer, scale)
         if "4" in only:
             bench_proxy(repo, runs_proxy, runs_large)
-        from flowhub.worker import get_manager
+        from flowhub.worker.host.pool import get_manager
 
         get_manager().shutdown()
 

@@ -120,8 +120,9 @@ def _retire_all(mgr) -> None:
 
 def bench_workers(rounds: int) -> bool:
     """Time to a ready worker through ``WorkerManager``, sandboxed vs not, measured alternately."""
+    from flowhub.context import CallSettings
     from flowhub.settings import Settings
-    from flowhub.worker.manager import WorkerManager
+    from flowhub.worker.host.pool import WorkerManager
 
     print("\nthrough WorkerManager (both zygotes warm; a new worker per call):")
     mgr = WorkerManager(max_workers=1 << 20, zygote_start="spawn")
@@ -132,7 +133,7 @@ def bench_workers(rounds: int) -> bool:
             with open(os.path.join(repo, "hubconf.py"), "w") as f:
                 f.write("import oneflow as flow\ndependencies = ['oneflow']\n\n"
                         "def tiny():\n    return flow.nn.Linear(4, 2)\n")
-            settings = Settings(hub_dir=os.path.join(tmp, "hub")).as_dict()
+            settings = CallSettings(Settings(hub_dir=os.path.join(tmp, "hub"))).to_wire()
             count = [0]
 
             def first_call(boxed: bool) -> float:
@@ -161,10 +162,10 @@ def bench_workers(rounds: int) -> bool:
 
             ckpt = os.path.join(tmp, "ckpt")
             flow.save({f"w{i}": flow.randn(64, 64) for i in range(8)}, ckpt)
-            import flowhub.worker.manager as manager_module
-            from flowhub.worker import weights
+            import flowhub.worker.host.pool as manager_module
+            from flowhub.worker.host import weights_only
 
-            saved, manager_module._manager = manager_module._manager, mgr  # weights.load uses get_manager()
+            saved, manager_module._manager = manager_module._manager, mgr  # weights_only.load uses get_manager()
             try:
                 inproc, boxed_load = [], []
                 for _ in range(rounds):
@@ -172,7 +173,7 @@ def bench_workers(rounds: int) -> bool:
                     flow.load(ckpt)
                     inproc.append((time.perf_counter() - start) * 1000)
                     start = time.perf_counter()
-                    weights.load(ckpt)
+                    weights_only.load(ckpt)
                     boxed_load.append((time.perf_counter() - start) * 1000)
             finally:
                 manager_module._manager = saved

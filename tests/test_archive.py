@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 
-from flowhub.archive import extract_zip
+from flowhub.cache.archive import extract_zip
 from flowhub.errors import ArchiveError
 
 

@@ -30,8 +30,8 @@ import oneflow as flow
 import pytest
 
 import flowhub
-import flowhub.download
-from flowhub import inventory
+import flowhub.net.download
+from flowhub.cache import inventory
 from conftest import run_python
 from flowhub.errors import (ArchiveError, HashMismatchError, IncompleteDownloadError, NetworkError,
                             RequestTimeoutError)
@@ -259,7 +259,7 @@ def test_body_that_keeps_ending_early_gives_up_after_a_bounded_number_of_resumes
     with pytest.raises(IncompleteDownloadError, match="nothing was saved"):
         flowhub.download_url_to_file(f"{gh.url}{prefix}/blob.bin", str(dst), progress=False)
     log = [r for r in gh.requests if r.path == f"{prefix}/blob.bin"]
-    assert len(log) == flowhub.download.MAX_RESUMES + 1
+    assert len(log) == flowhub.net.download.MAX_RESUMES + 1
     assert [r.range for r in log[1:4]] == ["bytes=700-", "bytes=1400-", "bytes=2100-"]
     assert not dst.exists() and leftovers(tmp_path) == []
 

@@ -37,7 +37,9 @@ import flowhub
 from flowhub.errors import (HTTPStatusError, TransferError, UntrustedRepositoryError, WeightsOnlyError, WorkerCrashedError,
                             WorkerTimeoutError)
 from flowhub.sandbox import limits
-from flowhub.worker import get_manager, transfer, weights
+from flowhub.worker.host.pool import get_manager
+from flowhub.worker.wire import transfer
+from flowhub.worker.host import weights_only
 
 from conftest import make_repo
 
@@ -121,12 +123,12 @@ def _scan_memory(prefix, suffix_sha256, suffix_len):
 
 def secrets(cfg):
     """Look for the caller's token and secret file everywhere a worker could."""
-    import flowhub.api
+    import flowhub.context
     canary = cfg["canary_prefix"] + cfg["canary_suffix"]  # positive control for the memory scan
     token_in = lambda data: cfg["token_prefix"].encode() in data
     with open("/proc/self/environ", "rb") as f:
         own_environ = token_in(f.read())
-    hub = flowhub.api.default_hub()
+    hub = flowhub.Hub(**flowhub.context.current().settings.to_wire())  # the settings of the caller's call
     return {
         "env_token": os.environ.get("GITHUB_TOKEN"),
         "env_has_prefix": any(cfg["token_prefix"] in v for v in os.environ.values()),
@@ -449,9 +451,10 @@ def test_benign_repo_in_the_sandbox_rebuild_and_proxy(caller):
 FRESH_CALLER = r"""
 import json, os, sys
 import flowhub
-from flowhub.worker import get_manager, launcher
+from flowhub.worker.host.pool import get_manager
+from flowhub.worker.host import launch
 repo = sys.argv[1]
-small = launcher._can_fork_zygote()  # a plain zygote would be forked from this caller now
+small = launch._can_fork_zygote()  # a plain zygote would be forked from this caller now
 boxed = flowhub.Hub(sandbox=True).load(repo, "benign", 1, source="local")
 plain = flowhub.Hub().load(repo, "benign", 1, source="local")
 manager = get_manager()
@@ -634,7 +637,7 @@ def test_forged_replies_are_rejected_by_the_caller(tmp_path, forgery):
     smuggled = base64.b64encode(pickle.dumps(_Payload(f"open({str(marker)!r}, 'w').write('ran')"))).decode()
     code = textwrap.dedent(f'''
         import os
-        import flowhub.worker.protocol as p
+        import flowhub.worker.wire.protocol as p
         PICKLE = {smuggled!r}
         original = p.send_message
         def forged(sock, h, body=b"", fds=()):
@@ -668,13 +671,13 @@ def test_hand_made_tables_are_validated_before_any_view():
     fd = os.dup(packed.fd)
     packed.close()
     reply = {"ok": True, "size": 16, "table": [good], "value": {"t": "tensor", "i": 0}}
-    assert float(weights.decode_reply(dict(reply), [fd], "test").sum()) == 4
+    assert float(weights_only.decode_reply(dict(reply), [fd], "test").sum()) == 4
     unsealed = os.memfd_create("unsealed")
     os.ftruncate(unsealed, 16)
     with pytest.raises(TransferError, match="not sealed"):
-        weights.decode_reply(dict(reply), [unsealed], "test")
+        weights_only.decode_reply(dict(reply), [unsealed], "test")
     with pytest.raises(WeightsOnlyError, match="boom"):
-        weights.decode_reply({"ok": False, "error": {"message": "boom"}}, [], "test")
+        weights_only.decode_reply({"ok": False, "error": {"message": "boom"}}, [], "test")
 
 
 def test_spinning_checkpoint_is_ended_by_worker_timeout(tmp_path):

@@ -19,9 +19,9 @@ import requests
 
 import flowhub
 from build_hub import git
-from flowhub import github
+from flowhub.net import github
 from flowhub.errors import ResolveError
-from flowhub.provenance import LockfileDriftError
+from flowhub.cache.provenance import LockfileDriftError
 
 PARENT = "trusted-owner/repo"
 FORK = "attacker/repo"

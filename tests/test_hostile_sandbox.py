@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -18,14 +17,14 @@ import time
 import warnings
 import zipfile
 
-import numpy as np
 import pytest
 
 import flowhub
 from flowhub import Proxy
 from flowhub.errors import HubconfError, TransferError, WorkerCrashedError, WorkerTimeoutError
 from flowhub.sandbox import limits
-from flowhub.worker import get_manager, protocol, transfer
+from flowhub.worker.host.pool import get_manager
+from flowhub.worker.wire import protocol, transfer
 
 HUBCONF = r'''
 """Attacks on the sandbox; each returns the errno every attempt ended with."""
@@ -274,7 +273,7 @@ CALLER = textwrap.dedent('''
     import json, os, sys, time
     import flowhub
     from flowhub.sandbox import limits
-    from flowhub.worker import get_manager
+    from flowhub.worker.host.pool import get_manager
     repo = sys.argv[1]
     flowhub.Hub(sandbox=True).load(repo, "leave_sleeper", source="local")
     shim = get_manager().worker_pid(f"local:{os.path.realpath(repo)}")
@@ -414,7 +413,7 @@ def test_downloads_per_call_and_zip_bombs_are_bounded(gh, hub_root, repo, tmp_pa
     assert "expand" in outcome and "refusing" in outcome, outcome
     sandboxed = tmp_path / "hub" / "checkpoints" / ".sandboxed"
     assert not (sandboxed / "bomb.zip.extracted").exists()
-    from flowhub.inventory import scan
+    from flowhub.cache.inventory import scan
 
     assert any(e.name.startswith(".sandboxed/") for e in scan(str(tmp_path / "hub")))  # shown in cache ls/prune
 

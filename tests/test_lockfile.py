@@ -8,7 +8,7 @@ import pytest
 
 import flowhub
 from conftest import make_repo, push_commit
-from flowhub.provenance import LockfileDriftError
+from flowhub.cache.provenance import LockfileDriftError
 
 REPO = "flowhub-examples/tiny-models"
 

@@ -1,4 +1,4 @@
-"""Proxy mode (flowhub.worker.proxy): real models in real worker processes, no mocks.
+"""Proxy mode (flowhub.worker.host.proxy): real models in real worker processes, no mocks.
 
 The repository ``tests/worker_repos/proxied`` holds ``Net``, a small CNN with a dataclass config, a
 0-d buffer and methods that return structured values, crash, sleep or stream; ``scale`` doubles its
@@ -20,8 +20,11 @@ import oneflow as flow
 import pytest
 
 from flowhub.errors import HubconfError, TransferError, WorkerCrashedError, WorkerTimeoutError
-from flowhub.worker import Proxy, ProxyError, StaleProxyError, WorkerManager, codec, get_manager, transfer
-from flowhub.worker.proxy import remote_type, worker_stats
+from flowhub.worker.host.proxy import Proxy
+from flowhub.errors import ProxyError, StaleProxyError
+from flowhub.worker.host.pool import WorkerManager, get_manager
+from flowhub.worker.wire import codec, transfer
+from flowhub.worker.host.proxy import remote_type, worker_stats
 
 REPOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_repos")
 PROXIED = os.path.join(REPOS, "proxied")
@@ -339,14 +342,14 @@ def test_compare_in_proxy_mode(gh):
 def test_caller_never_unpickles_worker_bytes(monkeypatch):
     import cloudpickle
 
-    from flowhub.worker import rebuild
+    from flowhub.worker.wire import byvalue
 
     def refuse(*args, **kwargs):
         raise AssertionError("the caller unpickled bytes in proxy mode")
 
     for target, name in ((pickle, "loads"), (pickle, "load"), (pickle, "Unpickler"), (pickle, "_loads"),
-                         (pickle, "_Unpickler"), (cloudpickle, "loads"), (cloudpickle, "load"), (rebuild, "decode"),
-                         (rebuild, "_Unpickler")):
+                         (pickle, "_Unpickler"), (cloudpickle, "loads"), (cloudpickle, "load"), (byvalue, "decode"),
+                         (byvalue, "_Unpickler")):
         monkeypatch.setattr(target, name, refuse)
     mgr = get_manager()
     key = "test:proxied-nopickle"
@@ -394,7 +397,7 @@ def test_replies_are_validated_before_use():
         deep = [deep]
     with pytest.raises(TransferError):
         codec.Decoder(arrays, refuse).decode(deep)
-    from flowhub.worker.proxy import Connection
+    from flowhub.worker.host.proxy import Connection
 
     p = load("net", key="test:proxied-forged")
     conn = object.__getattribute__(p, "_flowhub_conn")

@@ -28,7 +28,7 @@ import pytest
 
 from flowhub.errors import (EntrypointError, HubconfError, TransferError, WorkerCrashedError,
                             WorkerTimeoutError)
-from flowhub.worker import WorkerManager, get_manager
+from flowhub.worker.host.pool import WorkerManager, get_manager
 
 REPOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_repos")
 V1 = os.path.join(REPOS, "v1")
@@ -197,9 +197,10 @@ def test_untransferable_result_suggests_proxy(mgr):
 
 
 def test_caller_settings_are_adopted_in_the_worker(mgr, tmp_path):
+    from flowhub.context import CallSettings
     from flowhub.settings import resolve
 
-    settings = resolve({"hub_dir": str(tmp_path / "hub"), "mode": "rebuild"}).as_dict()
+    settings = CallSettings(resolve({"hub_dir": str(tmp_path / "hub"), "mode": "rebuild"})).to_wire()
     got = mgr.call(repo_dir=V1, key=f"test:{V1}", op="load", model="hub_dir", settings=settings)
     assert got == str(tmp_path / "hub")
 
@@ -213,7 +214,7 @@ def test_through_the_hub_in_rebuild_mode(tmp_path):
 
 
 def test_transfer_table_is_validated_before_any_view():
-    from flowhub.worker import transfer
+    from flowhub.worker.wire import transfer
 
     good = {"dtype": "float32", "shape": [2, 2], "offset": 0, "nbytes": 16}
     bad_tables = [
@@ -443,7 +444,7 @@ def test_caller_killed_or_exiting_leaves_no_worker(tmp_path, start, end):
         import flowhub
         if {start!r} == "spawn":
             import oneflow  # threads: the zygote must not be forked from here
-        from flowhub.worker import get_manager
+        from flowhub.worker.host.pool import get_manager
         m = get_manager()
         net = m.call(repo_dir={os.path.join(REPOS, "colliding_a")!r}, key="a", op="load", model="net")
         assert net.name == "repo-a" and models.CALLER, net.name

@@ -98,10 +98,20 @@ def apply(policy: SandboxPolicy, *, allow_threads: bool = False) -> SandboxRepor
             mechanisms[name] = f"failed: {type(exc).__name__}: {exc}"
     if threads > 1 and mechanisms.get("privileges") == "applied":
         details["privileges"] += f" (this thread only: {threads} threads)"
+    global _active
+    _active = _active or any(status == "applied" for status in mechanisms.values())
     protections = assess(mechanisms, allow_network=policy.allow_network, landlock_abi=abi, uid=uid,
                          max_processes=policy.max_processes, max_memory=policy.max_memory, details=details)
     return SandboxReport(mechanisms=mechanisms, details=details, protections=protections,
                          elapsed_ms=(time.perf_counter() - start) * 1000)
+
+
+_active = False
+
+
+def active() -> bool:
+    """True in a process that :func:`apply` has locked down (a sandboxed worker)."""
+    return _active
 
 
 def prepare() -> None:

@@ -1,23 +1,17 @@
 """Isolated workers: each repository's ``hubconf.py`` runs in its own process.
 
-The data path is ``manager`` (caller side: zygote, one worker per key, timeouts, crash reports)
--> ``protocol`` (framing and fd passing) -> ``child`` (inside the worker: import hubconf, run the
-operation) -> ``rebuild`` (cloudpickle skeleton by value) + ``transfer`` (tensors in a sealed
-memfd) -> back to the caller as real objects. ``launcher`` starts the ``zygote``, which forks the
-workers; ``failures`` carries exceptions across. Importing this package is cheap: oneflow is
-imported on the first call.
+Three layers, each readable on its own (see the README's architecture section):
 
-In ``mode="proxy"`` the result stays in the worker instead: ``objects`` (inside the worker) keeps it
-in a table and answers the requests of the caller's ``proxy`` handles, and ``codec`` carries values
-as restricted JSON plus tensors in a sealed memfd, so the caller never unpickles what such a
-worker sends.
+* ``wire``: what crosses a socket, identical on both ends: ``protocol`` (framing, fd passing),
+  ``transfer`` (tensors in a sealed memfd), ``byvalue`` (cloudpickle skeletons), ``codec``
+  (proxy mode's restricted JSON), ``failures`` (exceptions), ``messages`` (shared constants);
+* ``proc``: the code that runs inside a zygote or worker process: ``zygote``, ``child``,
+  ``objects`` (proxy mode's object table), ``sandbox_child``, ``weights_task``;
+* ``host``: the caller's side: ``launch`` (zygotes), ``pool`` (one worker per key, calls, reaping),
+  ``proxy`` (handles on objects kept in a worker), ``sandbox`` (sandboxed workers' folders, limits,
+  watchdog), ``fetch_service`` (downloads made for them), ``output`` (their stdout/stderr),
+  ``weights_only`` (one-shot weights-only loads).
 
-Sandboxed workers (``sandbox=True``) come from a second, scrubbed zygote: ``sandbox_host`` is the
-caller's side (scratch folders, watchdog, the downloads it makes for them, one-shot workers),
-``sandbox_child`` the worker's (lock down before the hubconf, ask the caller for downloads), and
-``weights`` loads checkpoints weights-only in a one-shot sandboxed worker.
+``host`` never imports ``proc`` (it starts a process by naming its entry point as a string) and
+``proc`` never imports ``host``, ``flowhub.hub`` or ``flowhub.api``.
 """
-from flowhub.worker.manager import WorkerManager, get_manager
-from flowhub.worker.proxy import Proxy, ProxyError, StaleProxyError
-
-__all__ = ["WorkerManager", "get_manager", "Proxy", "ProxyError", "StaleProxyError"]

@@ -2,9 +2,9 @@
 
 ``Hub(mode="proxy").load(...)`` (or ``FLOWHUB_MODE=proxy``) runs the entrypoint in the repository's
 worker and keeps its result there; the caller gets a :class:`Proxy`. Every use of the proxy is one
-round trip over the worker's socket (see :mod:`flowhub.worker.objects` for the requests):
+round trip over the worker's socket (see :mod:`flowhub.worker.proc.objects` for the requests):
 
-* what comes back is decoded from the restricted JSON form of :mod:`flowhub.worker.codec` (plain
+* what comes back is decoded from the restricted JSON form of :mod:`flowhub.worker.wire.codec` (plain
   values, tensors from a sealed memfd whose table is validated first, and refs, which become new
   proxies): the caller never unpickles anything a proxy-mode worker sent;
 * arguments go the same way; an argument the form cannot express (a caller-side dataclass, a
@@ -24,13 +24,23 @@ import base64
 import collections
 import os
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import NamedTuple, Any, Dict, List, Optional
 
 from flowhub.errors import ProxyError, StaleProxyError, TransferError
 
 __all__ = ["Proxy", "ProxyError", "StaleProxyError", "remote_type", "remote_isinstance", "worker_stats"]
 
 _MISSING = object()
+
+
+class RemoteType(NamedTuple):
+    """What a proxy knows of its object's type, from the worker's description of it."""
+
+    type_name: str  # module.qualname, for messages and repr
+    type_id: int  # the connection's id of the type (its method names are in ``Connection.types``)
+    callable: bool
+    always_true: bool  # the type has neither __bool__ nor __len__
+    shadowed: frozenset  # method names the instance shadows with attributes of its own
 
 
 class Proxy:
@@ -89,7 +99,7 @@ class Proxy:
         if name.startswith("_flowhub_") or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)
         conn, info = self._flowhub_conn, self._flowhub_info
-        if name in conn.types.get(info[1], ()) and name not in info[4]:
+        if name in conn.types.get(info.type_id, ()) and name not in info.shadowed:
             return RemoteMethod(self, name)  # called with one round trip ("callmethod")
         return conn.request(self, {"op": "getattr", "name": name}, f".{name}")
 
@@ -127,7 +137,7 @@ class Proxy:
         return self._flowhub_conn.request(self, {"op": "iter"}, " iter()")
 
     def __bool__(self) -> bool:
-        if self._flowhub_info[3]:  # neither __bool__ nor __len__: always true
+        if self._flowhub_info.always_true:  # neither __bool__ nor __len__
             return True
         return self._flowhub_conn.request(self, {"op": "bool"}, " bool()") is True
 
@@ -191,7 +201,7 @@ class RemoteMethod:
 
 def remote_type(proxy: Proxy) -> str:
     """The qualified name of the type of the object ``proxy`` stands for (no round trip)."""
-    return object.__getattribute__(proxy, "_flowhub_info")[0]
+    return object.__getattribute__(proxy, "_flowhub_info").type_name
 
 
 def remote_isinstance(obj: Any, classinfo: Any) -> bool:
@@ -270,7 +280,7 @@ class Connection:
         """A proxy's finalizer: queue its release, then send it if that needs no waiting."""
         try:
             self.pending.append([ref, count[0]])
-            self.manager._flush_releases(self)
+            self.manager.flush_releases(self)
         except Exception:  # never raise from a finalizer (the worker may be gone, the interpreter ending)
             pass
 
@@ -278,7 +288,7 @@ class Connection:
     def request(self, proxy: Optional[Proxy], header: dict, what: str, args: Optional[tuple] = None,
                 kwargs: Optional[dict] = None, key: Any = _MISSING) -> Any:
         """Send one proxy-mode request about ``proxy``'s object and return the decoded value."""
-        from flowhub.worker import codec
+        from flowhub.worker.wire import codec
 
         context = f"{_short(proxy) if proxy is not None else 'proxy'}{what} of {self.label}"
         if proxy is not None:
@@ -290,7 +300,7 @@ class Connection:
             header["kwargs"] = encoder.encode(dict(kwargs))
         if key is not _MISSING:
             header["key"] = encoder.encode(key)
-        return self.manager._proxy_request(self, header, encoder.arrays, context)
+        return self.manager.proxy_request(self, header, encoder.arrays, context)
 
     def _argument(self, obj: Any) -> dict:
         """An argument without a value form: a proxy of this worker goes as its ref, others are pickled."""
@@ -313,7 +323,7 @@ class Connection:
     # -- replies (called by the manager with the worker's lock held) -----------------------------------
     def decode(self, reply: dict, fds: List[int], context: str) -> Any:
         """Validate and map the reply's tensors, then rebuild its value (refs become proxies)."""
-        from flowhub.worker import codec, protocol, transfer
+        from flowhub.worker.wire import codec, protocol, transfer
 
         fd = fds.pop(0) if fds else None
         protocol.close_fds(fds)
@@ -341,8 +351,7 @@ class Connection:
         flags = [node.get(k) for k in ("call", "it", "truth")]
         if type(tid) is not int or not all(type(f) is bool for f in flags):
             raise TransferError("malformed ref node")
-        info: Tuple[str, int, bool, bool, frozenset] = (_text(node, "type"), tid, flags[0], flags[2],
-                                                         _names(node, "sh"))
+        info = RemoteType(_text(node, "type"), tid, flags[0], flags[2], _names(node, "sh"))
         if "m" in node:
             self.types[tid] = _names(node, "m")
         cls = _CLASSES[(flags[0], flags[1])]

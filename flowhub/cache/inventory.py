@@ -10,8 +10,8 @@ import os
 import time
 from typing import Iterable, List, Optional
 
-from flowhub import repos, store
-from flowhub.checkpoints import EXTRACTED_SUFFIX, SANDBOXED_DIR, file_record_path, file_sha256
+from flowhub.cache import repos, store
+from flowhub.cache.checkpoints import EXTRACTED_SUFFIX, SANDBOXED_DIR, file_record_path, file_sha256
 
 STALE_TEMP_SECONDS = 3600.0
 
@@ -70,7 +70,7 @@ def scan(hub_dir: str) -> List[Entry]:
         entries.append(Entry("repo", name, path, _tree_size(path),
                              _mtime(path, repos.entry_record_path(hub_dir, name)), source, record.get("sha") or ""))
     checkpoints = os.path.join(hub_dir, "checkpoints")
-    # weights fetched for sandboxed workers live apart (see flowhub.worker.sandbox_host): listed as
+    # weights fetched for sandboxed workers live apart (see flowhub.worker.host.sandbox): listed as
     # ".sandboxed/<file>", so they are counted, verified and pruned like the rest
     for model_dir, prefix in ((checkpoints, ""), (os.path.join(checkpoints, SANDBOXED_DIR), SANDBOXED_DIR + "/")):
         if not os.path.isdir(model_dir):

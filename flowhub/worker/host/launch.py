@@ -3,10 +3,10 @@
 The zygote is started lazily, once per caller process:
 
 * **fork** (``"auto"`` in a small single-threaded process, i.e. before oneflow is imported there):
-  a copy of the caller cleans itself up (:func:`flowhub.worker.zygote.main_forked`) and imports
+  a copy of the caller cleans itself up (:func:`flowhub.worker.proc.zygote.main_forked`) and imports
   oneflow in parallel with the caller's own import, which saves starting Python and importing
   flowhub again (~0.15 s of a first load);
-* **spawn** otherwise: a fresh interpreter (``python -c 'from flowhub.worker.zygote import main; ...'``)
+* **spawn** otherwise: a fresh interpreter running :data:`ZYGOTE_MODULE`'s ``main`` (:func:`zygote_command`)
   started from a thread that lives as long as the zygote, because ``PR_SET_PDEATHSIG`` fires when
   the *thread* that forked a child exits.
 
@@ -14,6 +14,7 @@ Either way the zygote is this process's child and dies with it (``PR_SET_PDEATHS
 """
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -24,8 +25,12 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from flowhub.errors import WorkerCrashedError
-from flowhub.worker import protocol
+from flowhub.worker.wire import protocol
 
+#: The zygote's entry point, named as a string: the caller's side never imports the process side.
+ZYGOTE_MODULE = "flowhub.worker.proc.zygote"
+#: The folder holding the ``flowhub`` package (put on a spawned zygote's path).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 ZYGOTE_START_TIMEOUT = 180.0
 _ZYGOTE_CALL_TIMEOUT = 30.0
 
@@ -83,9 +88,13 @@ def _can_fork_zygote() -> bool:
 class ZygoteHandle:
     """Handle on the zygote process (caller side). All methods are called under ``self.lock``."""
 
-    def __init__(self, start_method: str = "auto") -> None:
+    def __init__(self, start_method: str = "auto", *, env: Optional[Dict[str, str]] = None, flavour: str = "",
+                 cwd: Optional[str] = None) -> None:
+        """``env``/``cwd``: of a spawned zygote (default: this process's); ``flavour``: ``"sandbox"`` for
+        the zygote of sandboxed workers (always spawned, with a scrubbed ``env``)."""
         self.lock = threading.Lock()
         self.start_method = start_method
+        self.env, self.flavour, self.cwd = env, flavour, cwd
         self.proc: Optional[Any] = None  # subprocess.Popen or _ForkedChild
         self.sock: Optional[socket.socket] = None
         self.pid: Optional[int] = None
@@ -107,15 +116,11 @@ class ZygoteHandle:
             theirs.close()
         self.sock, self.ready, self.pid = ours, False, self.proc.pid
 
-    @staticmethod
-    def _spawn(theirs: socket.socket) -> subprocess.Popen:
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        args = [sys.executable, "-c", "from flowhub.worker.zygote import main; main()",
-                str(theirs.fileno()), str(os.getpid())]
-        return _spawn_from_long_lived_thread(args, pass_fds=(theirs.fileno(),), env=env,
-                                             stdin=subprocess.DEVNULL, close_fds=True)
+    def _spawn(self, theirs: socket.socket) -> subprocess.Popen:
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        return spawn_from_long_lived_thread(zygote_command(theirs.fileno(), self.flavour), pass_fds=(theirs.fileno(),),
+                                            env=env, cwd=self.cwd, stdin=subprocess.DEVNULL, close_fds=True)
 
     @staticmethod
     def _fork(ours: socket.socket, theirs: socket.socket) -> _ForkedChild:
@@ -129,9 +134,7 @@ class ZygoteHandle:
         if pid == 0:
             try:
                 ours.close()
-                from flowhub.worker import zygote
-
-                zygote.main_forked(theirs, caller)
+                importlib.import_module(ZYGOTE_MODULE).main_forked(theirs, caller)
             finally:
                 os._exit(70)
         return _ForkedChild(pid)
@@ -192,7 +195,7 @@ class ZygoteHandle:
         self.ready, self.pid = False, None
 
 
-def _spawn_from_long_lived_thread(args: List[str], **kwargs: Any) -> subprocess.Popen:
+def spawn_from_long_lived_thread(args: List[str], **kwargs: Any) -> subprocess.Popen:
     """Popen from a thread that lives exactly as long as the child.
 
     ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, so spawning from a
@@ -216,3 +219,38 @@ def _spawn_from_long_lived_thread(args: List[str], **kwargs: Any) -> subprocess.
     if "error" in box:
         raise box["error"]
     return box["proc"]
+
+
+def zygote_command(fd: int, flavour: str = "") -> List[str]:
+    """The command line of a spawned zygote serving socket ``fd`` for this process."""
+    return [sys.executable, "-c", f"import importlib; importlib.import_module({ZYGOTE_MODULE!r}).main()",
+            str(fd), str(os.getpid())] + ([flavour] if flavour else [])
+
+
+_FAULTHANDLER_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+
+
+def describe_status(status: dict) -> str:
+    """How a worker ended, in words, from the zygote's status (``exitcode`` / ``signal`` / ``cause``)."""
+    if status.get("cause"):  # a sandboxed worker ended by one of its limits (see sandbox_host)
+        return f"{describe_status(dict(status, cause=None))}: {status['cause']}"
+    if "signal" in status:
+        try:
+            sig = signal.Signals(status["signal"])
+        except ValueError:
+            return f"it was killed by signal {status['signal']}"
+        hint = " (its Python stack was printed on stderr)" if sig in _FAULTHANDLER_SIGNALS else ""
+        return f"it was killed by {sig.name}{hint}"
+    if "exitcode" in status:
+        return f"it exited with code {status['exitcode']}"
+    return "its exit status is unknown (the zygote that forked it is gone)"
+
+
+def worker_sys_path() -> List[str]:
+    """This process's import path without its working folder and main script's folder, whose
+    modules (a caller's own ``models.py``) would otherwise shadow the repository's (pytorch#65881)."""
+    own = {os.path.realpath(os.getcwd())}
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:
+        own.add(os.path.realpath(os.path.dirname(os.path.abspath(main_file))))
+    return [p for p in sys.path if isinstance(p, str) and p and os.path.realpath(p) not in own]

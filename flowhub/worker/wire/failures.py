@@ -185,3 +185,13 @@ def from_description(info: object, context: str, label: str) -> BaseException:
         full = f"{message}\n\n[{context} raised this in its worker process]\nWorker traceback:\n{tb}"
         return _with_message(exc, full, label)
     return HubconfError(f"{context} raised {type_name}: {message}\n\nWorker traceback:\n{tb}")
+
+
+def from_reply(reply: dict, body: bytes, context: str, label: str) -> BaseException:
+    """Caller side, rebuild mode: the exception a failed reply stands for."""
+    from flowhub.errors import TransferError
+
+    info = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+    if reply.get("kind") == "transfer":
+        return TransferError(f"{context}: {info.get('message', 'transfer failed')}")
+    return rebuild(info, body, context, label)

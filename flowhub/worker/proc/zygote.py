@@ -1,6 +1,6 @@
 """The zygote: a clean process that has imported oneflow once and forks workers on request.
 
-The caller spawns it (``python -c 'from flowhub.worker.zygote import main; main()' FD CALLER_PID``)
+The caller spawns it (``python -c 'from flowhub.worker.proc.zygote import main; main()' FD CALLER_PID``)
 with one end of a socketpair, or, when the caller is a single-threaded process that has not
 imported oneflow yet, forks it (:func:`main_forked`), which saves starting Python again. It
 imports flowhub, oneflow, numpy and cloudpickle (never repository code), says
@@ -8,7 +8,7 @@ imports flowhub, oneflow, numpy and cloudpickle (never repository code), says
 
     {"op": "fork", "spec": {repo_dir, mock_torch, env, cwd, sys_path}} + the worker's socket fd
         [+ the write ends of its stdout and stderr pipes] -> {"pid": N}; the child sets itself up
-        and runs flowhub.worker.child.main
+        and runs flowhub.worker.proc.child.main
     {"op": "reap", "pid": N, "kill": bool} -> {"exitcode": C} | {"signal": S} | {"unknown": true}
     {"op": "exit"} -> kills every worker and exits
 
@@ -21,6 +21,7 @@ worker gets SIGKILL. The zygote also exits (killing its workers) when the caller
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ import sys
 import time
 from typing import Optional, Sequence, Set
 
+#: What every worker needs, imported once here (module names, as CPython's forkserver preloads them).
+PRELOAD = ("cloudpickle", "numpy", "oneflow", "oneflow.hub", "flowhub.context", "flowhub.worker.proc.child")
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
 _REAP_GRACE = 2.0
@@ -68,7 +71,7 @@ class Zygote:
                     os.dup2(fd, target)
                     os.close(fd)
                 _prepare_worker(spec)
-                from flowhub.worker import child
+                from flowhub.worker.proc import child
 
                 child.main(sock_fd, spec)
             finally:
@@ -120,7 +123,7 @@ class Zygote:
         self.children.clear()
 
     def serve(self) -> None:
-        from flowhub.worker import protocol
+        from flowhub.worker.wire import protocol
 
         while True:
             try:
@@ -158,7 +161,7 @@ def _prepare_worker(spec: dict) -> None:
     if isinstance(path, list):
         sys.path[:] = [str(p) for p in path]
     if spec.get("sandbox"):  # locked down now: single-threaded, before any repository code
-        from flowhub.worker import sandbox_child
+        from flowhub.worker.proc import sandbox_child
 
         sandbox_child.enter(spec)
     _reseed()
@@ -186,13 +189,8 @@ def _import_quietly() -> Optional[str]:
         os.dup2(capture, 1)
         os.dup2(capture, 2)
         try:
-            import cloudpickle  # noqa: F401
-            import numpy  # noqa: F401
-            import oneflow  # noqa: F401
-
-            import flowhub.api  # noqa: F401  (adopt_settings, the Hub and its downloads)
-            from flowhub.worker import child  # noqa: F401
-            import oneflow.hub  # noqa: F401
+            for name in PRELOAD:
+                importlib.import_module(name)
         except BaseException:
             import traceback
 
@@ -221,10 +219,10 @@ def _serve_forever(sock: socket.socket, sandboxed: bool = False) -> None:
     global _zygote_pid
     _zygote_pid = os.getpid()
     failure = _import_quietly()
-    from flowhub.worker import protocol
+    from flowhub.worker.wire import protocol
 
     if failure is None and sandboxed:
-        from flowhub.worker import sandbox_child
+        from flowhub.worker.proc import sandbox_child
 
         sandbox_child.prepare()
 
@@ -290,9 +288,7 @@ def _library_roots() -> tuple:
     roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     roots.update(site.getsitepackages())
     roots.add(site.getusersitepackages())
-    import flowhub
-
-    roots.add(os.path.dirname(os.path.abspath(flowhub.__file__)))
+    roots.add(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # flowhub itself
     return tuple(os.path.realpath(r) + os.sep for r in roots if r)
 
 

@@ -9,10 +9,10 @@ when asked), then answers requests until its socket closes::
              {"ok": false, "kind": "hubconf"|"transfer", "error": {...}, "fatal": bool}
              body = the exception pickled by reference (or empty)
 
-Requests with ``"mode": "proxy"`` go to :class:`flowhub.worker.objects.ObjectServer`, which keeps
+Requests with ``"mode": "proxy"`` go to :class:`flowhub.worker.proc.objects.ObjectServer`, which keeps
 the results here and replies in JSON only (never a pickle).
 
-Before every request it hands the caller's settings to :func:`flowhub.api.adopt_settings`, so weight
+Before every request it hands the caller's settings to :func:`flowhub.context.adopt`, so weight
 downloads the hubconf makes (through flowhub or ``oneflow.hub``) use the caller's cache and
 options. ``SystemExit`` and ``KeyboardInterrupt`` from hubconf code are reported like any error (the
 caller raises ``HubconfError`` naming them) instead of ending the worker or the caller.
@@ -25,11 +25,12 @@ import sys
 import types
 from typing import Any, List, Optional, Tuple
 
-from flowhub import entrypoints
+from flowhub import context, entrypoints
 from flowhub.errors import TransferError
-from flowhub.worker import failures, objects, protocol, rebuild, transfer
+from flowhub.worker.wire import failures, protocol, byvalue, transfer
+from flowhub.worker.proc import objects
 
-OPS = ("list", "help", "load")
+from flowhub.worker.wire.messages import OPS  # noqa: E402
 #: What hubconf code may raise and the caller is told about: ``SystemExit`` and ``KeyboardInterrupt``
 #: too (they become a ``HubconfError`` there, never the caller's own exit).
 HUBCONF_EXCEPTIONS = (Exception, SystemExit, KeyboardInterrupt)
@@ -50,7 +51,7 @@ class WorkerLoop:
         self.sock = sock
         self.repo_dir = repo_dir
         self.mock_torch = mock_torch
-        self.modules = rebuild.ByValueModules(repo_dir, ignore=list(sys.modules))  # the zygote's, no repo code
+        self.modules = byvalue.ByValueModules(repo_dir, ignore=list(sys.modules))  # the zygote's, no repo code
         self._hubconf: Optional[types.ModuleType] = None
         self.proxies = objects.ObjectServer(self, _Failure)  # mode="proxy": objects kept here, JSON replies
 
@@ -82,13 +83,13 @@ class WorkerLoop:
             raise _Failure("hubconf", exc) from None
 
     # -- one request --------------------------------------------------------------------------------
-    def _decode_request(self, header: dict, body: bytes, fds: List[int]) -> Tuple[Optional[dict], tuple, dict,
+    def decode_request(self, header: dict, body: bytes, fds: List[int]) -> Tuple[Optional[dict], tuple, dict,
                                                                                 Optional[bytes]]:
         try:
             table = header.get("table") or []
             arrays = transfer.unpack(fds[0] if fds else None, int(header.get("size", 0)), table)
             fds.clear()
-            settings, args, kwargs, rng = rebuild.decode(body, arrays, table)
+            settings, args, kwargs, rng = byvalue.decode(body, arrays, table)
             return settings, tuple(args), dict(kwargs), rng
         except Exception as exc:
             raise _Failure("transfer", TransferError(
@@ -102,20 +103,16 @@ class WorkerLoop:
         try:
             if op not in OPS or header.get("mode", "rebuild") != "rebuild":
                 raise _Failure("transfer", ValueError(f"unsupported worker request {op!r} / {header.get('mode')!r}"))
-            settings, args, kwargs, rng = self._decode_request(header, body, fds)
+            settings, args, kwargs, rng = self.decode_request(header, body, fds)
             if settings is not None:
-                from flowhub.api import adopt_settings
-
-                adopt_settings(settings)
+                context.adopt(context.CallSettings.from_wire(settings))
             if rng:
-                rebuild.set_rng_state(rng)
+                byvalue.set_rng_state(rng)
             result = self.run(op, model, args, kwargs)
             del args, kwargs
             self.modules.refresh()
             try:
-                from flowhub.api import take_weights_log
-
-                encoded = rebuild.encode((result, rebuild.rng_state(), take_weights_log()))
+                encoded = byvalue.encode((result, byvalue.rng_state(), context.take_weights_log()))
                 del result
                 packed = transfer.pack(encoded.arrays, name="flowhub-result")
             except Exception as exc:
@@ -166,11 +163,11 @@ def main(sock_fd: int, spec: dict) -> None:
     code = 0
     try:
         sock = socket.socket(fileno=sock_fd)
-        if spec.get("sandbox"):  # already locked down by the zygote (flowhub.worker.sandbox_child)
-            from flowhub.worker import sandbox_child, weights
+        if spec.get("sandbox"):  # already locked down by the zygote (flowhub.worker.proc.sandbox_child)
+            from flowhub.worker.proc import sandbox_child, weights_task
 
             if spec.get("task") == "weights":  # a one-shot weights-only load
-                return weights.serve(sock, spec)
+                return weights_task.serve(sock, spec)
             sandbox_child.attach(sock)  # downloads are made by the caller
         WorkerLoop(sock, spec["repo_dir"], bool(spec.get("mock_torch"))).serve()
     except SystemExit as exc:

@@ -5,12 +5,12 @@ and plain values come back.
 so loading a checkpoint is running its code. With ``weights_only=True`` that happens in a worker
 forked from the sandbox zygote for this one load, which may read only the checkpoint:
 
-* worker (:func:`serve`): ``oneflow.load`` the checkpoint, encode the result in the value form of
-  :mod:`flowhub.worker.codec` (tensors, numpy arrays, numbers, strings, None, bytes, devices, dtypes,
+* worker (:func:`flowhub.worker.proc.weights_task.serve`): ``oneflow.load`` the checkpoint, encode the result in the value form of
+  :mod:`flowhub.worker.wire.codec` (tensors, numpy arrays, numbers, strings, None, bytes, devices, dtypes,
   and lists, tuples and dicts of them), refusing any other object, and send one JSON header plus one
   sealed memfd holding the raw bytes of every tensor;
 * caller (:func:`load`): validate the tensor table against the memfd before mapping anything
-  (:func:`flowhub.worker.transfer.unpack`: dtype allow-list, ``prod(shape) * itemsize == nbytes``,
+  (:func:`flowhub.worker.wire.transfer.unpack`: dtype allow-list, ``prod(shape) * itemsize == nbytes``,
   extents inside the memfd, no overlaps, seals), decode the JSON value strictly, and wrap the
   mapped bytes with ``flow.from_numpy`` (zero-copy, on a private copy-on-write mapping, so the
   tensors are writable). Nothing the worker sends is unpickled here.
@@ -21,68 +21,12 @@ the checkpoint is loaded in place, since that process is already sandboxed, and 
 from __future__ import annotations
 
 import os
-import socket
 import zipfile
 from typing import Any, Optional
 
+from flowhub import context
 from flowhub.errors import TransferError, WeightsOnlyError
-from flowhub.worker import protocol
-
-_ALLOWED = ("weights_only=True accepts tensors, numpy arrays and plain values (numbers, strings, None, bytes, "
-            "devices, dtypes, and lists, tuples and dicts of them)")
-
-
-def _refuse(obj: Any) -> Any:
-    cls = type(obj)
-    raise WeightsOnlyError(f"the checkpoint holds a {cls.__module__}.{cls.__qualname__}"[:300] + f"; {_ALLOWED}. "
-                           "Load it with weights_only=False only if you trust where it came from.")
-
-
-def _no_refs(node: dict) -> Any:
-    raise TransferError("the weights-only reply refers to an object kept in the worker")
-
-
-def check_plain(obj: Any) -> None:
-    """Raise :class:`WeightsOnlyError` unless ``obj`` is made of tensors and plain values only."""
-    from flowhub.worker import codec
-
-    codec.Encoder(other=_refuse).encode(obj)
-
-
-# -- worker side -------------------------------------------------------------------------------------
-def serve(sock: socket.socket, spec: dict) -> None:
-    """The one-shot worker: answer one ``{"op": "weights", "path"}`` request, then return."""
-    from flowhub.worker import transfer
-
-    header, _, fds = protocol.recv_message(sock)
-    protocol.close_fds(fds)
-    packed = None
-    try:
-        import oneflow as flow
-
-        from flowhub.worker import codec
-
-        path = header.get("path")
-        if header.get("op") != "weights" or not isinstance(path, str):
-            raise ValueError(f"bad weights-only request {header.get('op')!r:.40}")
-        try:
-            obj = flow.load(path, map_location="cpu")
-        except Exception as exc:
-            raise WeightsOnlyError(f"oneflow.load failed in the sandboxed worker: {type(exc).__name__}: {exc}") \
-                from None
-        encoder = codec.Encoder(other=_refuse)
-        value = encoder.encode(obj)
-        del obj
-        packed = transfer.pack(encoder.arrays, name="flowhub-weights")
-        reply = {"ok": True, "value": value, "size": packed.size, "table": packed.table}
-        protocol.send_message(sock, reply, fds=[packed.fd] if packed.fd is not None else [])
-    except Exception as exc:
-        message = str(exc) if isinstance(exc, WeightsOnlyError) else f"{type(exc).__name__}: {exc}"
-        protocol.send_message(sock, {"ok": False, "error": {"message": message[:1 << 16]}})
-    finally:
-        if packed is not None:
-            packed.close()
-
+from flowhub.worker.wire import codec, protocol
 
 # -- caller side -------------------------------------------------------------------------------------
 def _apply_map_location(value: Any, map_location: Any) -> Any:
@@ -90,19 +34,19 @@ def _apply_map_location(value: Any, map_location: Any) -> Any:
         return value
     import oneflow as flow
 
-    from flowhub.checkpoints import _remap
+    from flowhub.cache.checkpoints import remap
 
     if isinstance(map_location, (str, flow.device)):
         device = flow.device(map_location)
         if device.type == "cpu":
             return value
-        return _remap(value, lambda tensor, _: tensor.to(device))
-    return _remap(value, map_location)
+        return remap(value, lambda tensor, _: tensor.to(device))
+    return remap(value, map_location)
 
 
 def decode_reply(reply: dict, fds: list, what: str) -> Any:
     """Caller side: the value of a weights-only reply, after validating its table and JSON value."""
-    from flowhub.worker import codec, transfer
+    from flowhub.worker.wire import transfer
 
     fd = fds.pop(0) if fds else None
     protocol.close_fds(fds)
@@ -119,7 +63,7 @@ def decode_reply(reply: dict, fds: list, what: str) -> Any:
         raise TransferError(f"{what}: bad payload size {size!r:.40}")
     try:
         arrays = transfer.unpack(fd, size, reply.get("table"), populate=True)  # validates, then maps; closes fd
-        return codec.Decoder(arrays, ref=_no_refs).decode(reply.get("value"))
+        return codec.Decoder(arrays, ref=codec.no_refs).decode(reply.get("value"))
     except TransferError as exc:
         raise TransferError(f"{what}: {exc}") from None
 
@@ -128,19 +72,18 @@ def load(path: Any, map_location: Any = None, *, lock_timeout: float = 600.0,
          timeout: Optional[float] = None) -> Any:
     """Load the checkpoint at ``path`` (a oneflow checkpoint folder, a file, or a zip of a folder, which
     is extracted here first) with ``weights_only=True`` semantics; see the module docstring."""
-    from flowhub import checkpoints
-    from flowhub.worker import sandbox_child
+    from flowhub.cache import checkpoints
 
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if sandbox_child.channel() is not None:  # already in a sandboxed worker: load here
+    if context.sandboxed_downloads():  # already in a sandboxed worker: load here
         value = checkpoints.load_checkpoint(path, "cpu", lock_timeout)
-        check_plain(value)
+        codec.check_plain(value)
         return _apply_map_location(value, map_location)
     if zipfile.is_zipfile(path):
         path = checkpoints.extracted_checkpoint(path, lock_timeout)  # safe unzip, never runs its content
-    from flowhub.worker import get_manager
+    from flowhub.worker.host.pool import get_manager
 
     what = f"weights-only load of {path}"
     reply, fds = get_manager().sandbox_host().run_once({"task": "weights"}, os.path.realpath(path),

@@ -19,18 +19,18 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 import zipfile
 import zlib
 from typing import Any, Callable, Dict, Optional
 from urllib.parse import urlparse
 
-from flowhub import archive, store
-from flowhub.download import download
+from flowhub.cache import archive, store
+from flowhub.net.download import download
 from flowhub.errors import ArchiveError, CheckpointFormatError, OfflineError
-from flowhub.network import HttpClient
+from flowhub.net.http import HttpClient
 from flowhub.settings import ENV_OFFLINE
+from flowhub.notices import notice
 
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 EXTRACTED_SUFFIX = ".extracted"
@@ -156,7 +156,7 @@ def file_record_path(model_dir: str, filename: str) -> str:
     return os.path.join(model_dir, store.META_DIR, "files", filename + ".json")
 
 
-def _cached_file_ok(model_dir: str, filename: str) -> bool:
+def cached_file_ok(model_dir: str, filename: str) -> bool:
     """The file exists under its final name and, if we downloaded it, still has the size we recorded."""
     path = os.path.join(model_dir, filename)
     if not os.path.isfile(path):
@@ -166,9 +166,9 @@ def _cached_file_ok(model_dir: str, filename: str) -> bool:
 
 
 def _cached_checkpoint_ok(model_dir: str, filename: str) -> bool:
-    """:func:`_cached_file_ok`, and the file is a checkpoint (one cached before formats were checked, an
+    """:func:`cached_file_ok`, and the file is a checkpoint (one cached before formats were checked, an
     HTML page or a truncated zip, is downloaded again instead of failing on every call)."""
-    if not _cached_file_ok(model_dir, filename):
+    if not cached_file_ok(model_dir, filename):
         return False
     try:
         return checkpoint_format(os.path.join(model_dir, filename)) is not None
@@ -208,7 +208,7 @@ def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: boo
     with store.entry_lock(lock, client.settings.lock_timeout, f"downloading {filename}"):
         if not force and _cached_checkpoint_ok(model_dir, filename):
             return cached
-        sys.stderr.write(f'Downloading: "{url}" to {cached}\n')
+        notice(f'Downloading: "{url}" to {cached}')
         result = download(client, url, cached, hash_prefix=hash_prefix, progress=progress, validate=_validator(url))
         try:
             store.write_json_atomic(file_record_path(model_dir, filename), {
@@ -339,7 +339,7 @@ def extracted_checkpoint(cached_zip: str, lock_timeout: float) -> str:
     return _checkpoint_in(final)
 
 
-def _remap(obj: Any, map_location: Any) -> Any:
+def remap(obj: Any, map_location: Any) -> Any:
     """Apply a dict or callable ``map_location`` (which oneflow.load itself does not accept)."""
     import oneflow as flow
 
@@ -349,16 +349,16 @@ def _remap(obj: Any, map_location: Any) -> Any:
         target = map_location.get(obj.device.type, map_location.get(str(obj.device)))
         return obj.to(target) if target is not None else obj
     if isinstance(obj, dict):
-        return type(obj)((k, _remap(v, map_location)) for k, v in obj.items())
+        return type(obj)((k, remap(v, map_location)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_remap(v, map_location) for v in obj)
+        return type(obj)(remap(v, map_location) for v in obj)
     return obj
 
 
 def _in_sandbox() -> bool:
-    from flowhub.worker import sandbox_child
+    from flowhub import sandbox
 
-    return sandbox_child.channel() is not None
+    return sandbox.active()
 
 
 def load_checkpoint(path: str, map_location: Any = None, lock_timeout: float = 600.0) -> Any:
@@ -387,4 +387,4 @@ def load_checkpoint(path: str, map_location: Any = None, lock_timeout: float = 6
                 "(oneflow.save) and zip that folder.")
     if map_location is None or isinstance(map_location, (str, flow.device, flow.placement)):
         return flow.load(path, map_location=map_location)
-    return _remap(flow.load(path, map_location="cpu"), map_location)
+    return remap(flow.load(path, map_location="cpu"), map_location)

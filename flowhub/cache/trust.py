@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Callable, Optional, Union
 
-from flowhub import store
+from flowhub.cache import store
 from flowhub.errors import UntrustedRepositoryError
 from flowhub.spec import RepoSpec
 

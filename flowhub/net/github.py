@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Tuple
 from urllib.parse import quote
 
 from flowhub.errors import NetworkError, ResolveError
-from flowhub.network import HttpClient, check_status
+from flowhub.net.http import HttpClient, check_status
 from flowhub.spec import RepoSpec
 
 _API_HEADERS = {"Accept": "application/vnd.github.v3+json"}

@@ -22,9 +22,10 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
+from flowhub import settings as settings_mod
 from flowhub.errors import HashMismatchError, IncompleteDownloadError, NetworkError
-from flowhub.network import HttpClient, check_status, network_error
-from flowhub.urls import http_origin
+from flowhub.net.http import HttpClient, check_status, network_error
+from flowhub.net.urls import http_origin
 
 CHUNK_SIZE = 1 << 20
 MAX_RESUMES = 20
@@ -165,7 +166,7 @@ def download(client: HttpClient, url: str, dst: str, *, hash_prefix: Optional[st
     """
     http_origin(url)  # ValueError, before any file is created, for anything but http(s)
     client.check_online(f"Downloading {url}")
-    progress = progress and os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("1", "true", "yes")
+    progress = progress and not settings_mod.progress_disabled()
     dst = os.path.abspath(os.path.expanduser(dst))
     tmp = temp_path_for(dst)
     try:

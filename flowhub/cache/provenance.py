@@ -7,7 +7,7 @@ and each weight file's hash to a JSON file, and from then on loads exactly those
 verifies exactly those hashes, failing on any drift, offline or not.
 
 A pinned commit is trusted no more than a commit SHA written in the ref: before it is first fetched
-it must be on a branch or tag of the named repo (:func:`flowhub.repos.check_ref`), so a lockfile
+it must be on a branch or tag of the named repo (:func:`flowhub.cache.repos.check_ref`), so a lockfile
 cannot smuggle in a commit that only exists in a fork (``skip_validation=True`` skips the check).
 A pin must be a full 40-hex-digit SHA.
 """
@@ -18,9 +18,10 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from flowhub import __version__, store
+from flowhub._version import __version__
+from flowhub.cache import store
 from flowhub.errors import IntegrityError
-from flowhub.github import is_full_sha
+from flowhub.net.github import is_full_sha
 from flowhub.spec import RepoSpec
 
 LOCKFILE_VERSION = 1

@@ -12,12 +12,13 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import uuid
 import warnings
 from typing import Any, Iterator, Optional
 
 import filelock
+
+from flowhub.notices import notice
 
 META_DIR = ".flowhub"
 
@@ -42,7 +43,7 @@ def entry_lock(lock_path: str, timeout: float, what: str) -> Iterator[bool]:
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
-        sys.stderr.write(f"flowhub: waiting for another process that is {what}...\n")
+        notice(f"flowhub: waiting for another process that is {what}...")
         try:
             lock.acquire(timeout=timeout, poll_interval=0.05)
         except filelock.Timeout:

@@ -7,10 +7,10 @@ process is still single-threaded and before ``hubconf.py`` is imported: it appli
 repository and hub cache, writes only in the worker's scratch folder, rlimits, seccomp) and exits
 with :data:`EXIT_SANDBOX_WEAK` if the sandbox came out weaker than the caller requires.
 
-:func:`attach` hands the worker's socket to a :class:`Channel`. From then on
-``Hub.load_state_dict_from_url`` and ``Hub.download_url_to_file`` (and ``oneflow.hub``'s, which
-:func:`flowhub.api.adopt_settings` routes to them) send the caller a ``fetch`` request in the middle
-of the call (see :mod:`flowhub.worker.protocol`); the caller downloads through its own settings,
+:func:`attach` hands the worker's socket to a :class:`Channel` and installs :class:`RemoteDownloads`
+as the process's download strategy (:mod:`flowhub.context`). From then on every download a hubconf
+asks for (flowhub's or ``oneflow.hub``'s) sends the caller a ``fetch`` request in the middle
+of the call (see :mod:`flowhub.worker.wire.protocol`); the caller downloads through its own settings,
 cache, locks and progress bars and answers with the path of the file, which the worker reads through
 its read-only view of the hub cache, or with an error that is raised here.
 """
@@ -23,21 +23,18 @@ import socket
 import threading
 from typing import Any, Dict, Optional, Tuple
 
-from flowhub import errors
-from flowhub.worker import protocol
+from flowhub import context, errors
+from flowhub.worker.wire import protocol
+from flowhub.settings import STRENGTHS
+from flowhub.worker.wire.messages import EXIT_SANDBOX_WEAK, LIMIT_OPTIONS
 
-#: Exit code of a worker whose sandbox is weaker than required (EX_CONFIG).
-EXIT_SANDBOX_WEAK = 78
-STRENGTHS = ("weak", "partial", "strong")
-#: Policy fields the caller sets per worker (see ``sandbox_host.Limits.policy_options``).
-LIMIT_OPTIONS = ("max_memory", "max_file_size", "cpu_seconds", "max_processes", "max_scratch")
 
 
 def prepare() -> None:
     """In the sandbox zygote, once: import what :func:`enter` needs and warm the sandbox's caches,
     so a forked worker locks itself down in ~2 ms (see :func:`flowhub.sandbox.prepare`)."""
     import flowhub.sandbox as sandbox
-    from flowhub.worker import weights  # noqa: F401  (the weights-only task)
+    from flowhub.worker.proc import weights_task  # noqa: F401  (the weights-only task)
 
     sandbox.prepare()  # last: it caches a scan of sys.modules
 
@@ -94,6 +91,7 @@ def attach(sock: socket.socket) -> None:
     """Route this (sandboxed) worker's downloads through the caller, over ``sock``."""
     global _channel
     _channel = Channel(sock)
+    context.install_downloads(RemoteDownloads())
 
 
 def channel() -> Optional[Channel]:
@@ -136,7 +134,7 @@ def fetch_weights(url: str, model_dir: Optional[str], progress: bool, check_hash
     """``checkpoints.fetch_weights`` done by the caller: ``(path of the cached file, fingerprint)``.
 
     ``model_dir`` is not honoured: the caller uses a file already in ``<hub>/checkpoints`` or caches a
-    new one in ``<hub>/checkpoints/.sandboxed/`` (see :mod:`flowhub.worker.sandbox_host`), and
+    new one in ``<hub>/checkpoints/.sandboxed/`` (see :mod:`flowhub.worker.host.sandbox`), and
     extracts a zipped checkpoint there, since this worker cannot write it.
     """
     reply = _need_channel().ask(
@@ -154,3 +152,16 @@ def download_file(url: str, dst: str, hash_prefix: Optional[str], progress: bool
     path, fingerprint = _fingerprint(reply)
     shutil.copyfile(path, dst)
     return dict(fingerprint, file=os.path.basename(os.fspath(dst)))
+
+
+class RemoteDownloads:
+    """The download strategy of a sandboxed worker (see :class:`flowhub.context.Downloads`): the
+    caller fetches, under the settings it sent for the call."""
+
+    def fetch_weights(self, settings: Any, url: str, model_dir: Optional[str], progress: bool, check_hash: bool,
+                      file_name: Optional[str], refresh: Any) -> Tuple[str, Dict[str, Any]]:
+        return fetch_weights(url, model_dir, progress, check_hash, file_name)
+
+    def download_file(self, settings: Any, url: str, dst: str, hash_prefix: Optional[str],
+                      progress: bool) -> Dict[str, Any]:
+        return download_file(url, dst, hash_prefix, progress)

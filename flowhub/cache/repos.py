@@ -10,7 +10,7 @@ Layout (the reference's, so an existing oneflow.hub cache keeps working)::
     <hub>/.flowhub/locks/, tmp/, trash/         locks, staging folders, replaced folders
 
 A cache hit makes no network request: with an explicit ref, and without one once the default branch
-has been remembered on disk. A download first checks the ref (:func:`flowhub.github.validate_ref`)
+has been remembered on disk. A download first checks the ref (:func:`flowhub.net.github.validate_ref`)
 unless ``skip_validation``, then fetches the archive by the commit SHA the check found, so what is
 published is exactly the commit that was checked. A commit SHA checked once is remembered, so
 fetching it again (``force_reload``, another folder, a lockfile pin) needs no request.
@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 import warnings
 from typing import Optional
 
-from flowhub import archive, github, store, trust
-from flowhub.download import download
+from flowhub.cache import archive, store, trust
+from flowhub.net import github
+from flowhub.net.download import download
 from flowhub.errors import ArchiveError, HTTPStatusError, NetworkError, OfflineError, RateLimitError, ResolveError
-from flowhub.network import HttpClient
-from flowhub.provenance import LockfileDriftError
+from flowhub.net.http import HttpClient
+from flowhub.cache.provenance import LockfileDriftError
 from flowhub.settings import ENV_OFFLINE
 from flowhub.spec import RepoSpec
+from flowhub.notices import notice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +167,7 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
     With ``pinned_sha`` (from a lockfile) the result is exactly that commit: the ref's folder if it
     holds that commit, else a folder named after the SHA, fetched by SHA after the same check as a
     SHA ref (a lockfile cannot pin a commit that only exists in a fork, unless ``skip_validation``).
-    ``untrusted_ok``: see :func:`flowhub.trust.check_trust` (a sandboxed call).
+    ``untrusted_ok``: see :func:`flowhub.cache.trust.check_trust` (a sandboxed call).
     """
     hub_dir = client.settings.hub_dir
     os.makedirs(hub_dir, exist_ok=True)
@@ -188,7 +189,7 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
     existing = store.find_case_insensitive(hub_dir, folder)
     if existing and not force_reload and _is_complete(hub_dir, existing):
         if verbose:
-            sys.stderr.write(f"Using cache found in {existing}\n")
+            notice(f"Using cache found in {existing}")
         store.touch(entry_record_path(hub_dir, os.path.basename(existing)))
         return Checkout(existing, spec, _folder_sha(hub_dir, existing) or index.sha(ref))
     if client.settings.offline:
@@ -219,7 +220,7 @@ def _fetch_and_publish(client: HttpClient, spec: RepoSpec, ref: str, final: str,
     try:
         zip_path = os.path.join(stage, "archive.zip")
         url = github.archive_url(client, spec, checked_sha or ref)
-        sys.stderr.write(f'Downloading: "{url}" to {zip_path}\n')
+        notice(f'Downloading: "{url}" to {zip_path}')
         try:
             download(client, url, zip_path, progress=False)
         except HTTPStatusError as exc:

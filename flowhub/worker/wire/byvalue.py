@@ -4,7 +4,7 @@
 replaced through pickle's ``persistent_id`` hook by a small reference ``("T", index)`` (oneflow 0.9
 has no meta device to build empty skeletons with), and every numpy array that pickle hands out of
 band joins the same list of arrays. The arrays then travel through one sealed memfd
-(:mod:`flowhub.worker.transfer`), and :func:`decode` re-attaches them zero-copy with
+(:mod:`flowhub.worker.wire.transfer`), and :func:`decode` re-attaches them zero-copy with
 ``flow.from_numpy``: parameters come back as ``nn.Parameter`` with ``requires_grad`` kept, other
 tensors as tensors. A tensor object that appears twice (tied weights) comes back as one object.
 bf16 tensors cross as fp32 (oneflow 0.9 cannot view their bits as a numpy dtype) and are cast back.

@@ -20,7 +20,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from flowhub import __version__, urls
+from flowhub._version import __version__
+from flowhub.net import urls
 from flowhub.errors import HTTPStatusError, NetworkError, OfflineError, RateLimitError, RequestTimeoutError
 from flowhub.settings import ENV_OFFLINE, ENV_TIMEOUT, Settings
 

@@ -1,9 +1,9 @@
 """Values in proxy mode: a restricted JSON form, with every tensor in a sealed memfd.
 
 Proxy mode is the path for repositories the caller does not trust, so nothing the worker sends is
-ever unpickled by the caller: a reply is a JSON header (see :mod:`flowhub.worker.protocol`) whose
+ever unpickled by the caller: a reply is a JSON header (see :mod:`flowhub.worker.wire.protocol`) whose
 value is one *node* of this form, plus one sealed memfd holding the raw bytes of its tensors, whose
-table the caller validates with :func:`flowhub.worker.transfer.unpack`::
+table the caller validates with :func:`flowhub.worker.wire.transfer.unpack`::
 
     null, true/false, numbers (NaN, +-Infinity), strings         the value itself
     [node, ...]                                                  a list
@@ -36,7 +36,7 @@ import numpy as np
 import oneflow as flow
 
 from flowhub.errors import TransferError
-from flowhub.worker import transfer
+from flowhub.worker.wire import transfer
 
 MAX_DEPTH = 64
 MAX_REPR = 1 << 16
@@ -252,3 +252,28 @@ def _str(node: dict, key: str, limit: int = MAX_REPR) -> str:
     if type(value) is not str or len(value) > limit:
         raise TransferError(f"value node field {key!r} is not a string of acceptable length")
     return value
+
+
+# -- the weights-only value form: tensors and plain values, nothing else -------------------------------
+WEIGHTS_ONLY_ALLOWED = ("weights_only=True accepts tensors, numpy arrays and plain values (numbers, strings, "
+                        "None, bytes, devices, dtypes, and lists, tuples and dicts of them)")
+
+
+def refuse_object(obj: Any) -> Any:
+    """``Encoder(other=...)`` for weights-only values: any object that is not plain is refused."""
+    from flowhub.errors import WeightsOnlyError
+
+    cls = type(obj)
+    raise WeightsOnlyError(f"the checkpoint holds a {cls.__module__}.{cls.__qualname__}"[:300]
+                           + f"; {WEIGHTS_ONLY_ALLOWED}. Load it with weights_only=False only if you trust "
+                           "where it came from.")
+
+
+def no_refs(node: dict) -> Any:
+    """``Decoder(ref=...)`` for weights-only values: they never refer to objects kept in a worker."""
+    raise TransferError("the weights-only reply refers to an object kept in the worker")
+
+
+def check_plain(obj: Any) -> None:
+    """Raise ``WeightsOnlyError`` unless ``obj`` is made of tensors and plain values only."""
+    Encoder(other=refuse_object).encode(obj)

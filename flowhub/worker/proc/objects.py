@@ -8,7 +8,7 @@ Requests carry ``"mode": "proxy"``; every reply is JSON plus raw tensor bytes, n
              {"op": "len"|"iter"|"next"|"bool"|"describe"|"dir"|"mro", "ref"}     {"op": "stats"}
              {"op": "release"} (no reply)
              every request may carry "release": [[ref, count], ...], applied first; the
-             arguments are value nodes (:mod:`flowhub.worker.codec`) with their tensors in the memfd
+             arguments are value nodes (:mod:`flowhub.worker.wire.codec`) with their tensors in the memfd
     reply    {"ok": true, "value": node, "size", "table"[, "weights"]} + memfd of the tensors
              {"ok": true, "stop": true}                  (``next`` on an exhausted iterator)
              {"ok": false, "kind": "hubconf"|"transfer", "error": {...}, "fatal": bool}, no body
@@ -25,8 +25,9 @@ import inspect
 import types
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from flowhub import context
 from flowhub.errors import TransferError
-from flowhub.worker import codec, failures, protocol, transfer
+from flowhub.worker.wire import byvalue, codec, failures, protocol, transfer
 
 OPS = ("list", "help", "load", "getattr", "call", "callmethod", "getitem", "contains", "len", "iter", "next",
        "bool", "describe", "dir", "mro", "stats", "release")
@@ -92,7 +93,7 @@ def _method_names(cls: type) -> List[str]:
 
 
 class ObjectServer:
-    """Answers proxy-mode requests for a :class:`flowhub.worker.child.WorkerLoop`."""
+    """Answers proxy-mode requests for a :class:`flowhub.worker.proc.child.WorkerLoop`."""
 
     def __init__(self, loop: Any, failure: type) -> None:
         self.loop, self.failure = loop, failure
@@ -211,19 +212,13 @@ class ObjectServer:
         return args, kwargs, key
 
     def _entrypoint(self, op: str, header: dict, body: bytes, fds: List[int]) -> Tuple[Any, dict]:
-        from flowhub.worker import rebuild
-
-        settings, args, kwargs, rng = self.loop._decode_request(header, body, fds)
+        settings, args, kwargs, rng = self.loop.decode_request(header, body, fds)
         if settings is not None:
-            from flowhub.api import adopt_settings
-
-            adopt_settings(settings)
+            context.adopt(context.CallSettings.from_wire(settings))
         if rng:
-            rebuild.set_rng_state(rng)
+            byvalue.set_rng_state(rng)
         result = self.loop.run(op, header.get("model"), args, kwargs)
-        from flowhub.api import take_weights_log
-
-        return result, ({"weights": take_weights_log()} if op == "load" else {})
+        return result, ({"weights": context.take_weights_log()} if op == "load" else {})
 
     # -- refs -------------------------------------------------------------------------------------
     def _ref_node(self, obj: Any, handed: List[int]) -> dict:

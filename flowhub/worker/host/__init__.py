@@ -1,0 +1,1 @@
+"""flowhub layer: flowhub.worker.host"""
