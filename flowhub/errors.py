@@ -155,3 +155,24 @@ class WeightsOnlyError(FlowhubError, pickle.UnpicklingError):
 class CheckpointFormatError(IntegrityError):
     """A weight file is not a checkpoint flowhub knows (an HTML page, a truncated zip, ...), or is a
     single-file checkpoint that only ``torch.load`` (which unpickles it) could read in this process."""
+
+
+# -- the wire between caller and worker, and the sandbox -------------------------------------------------
+class PeerClosed(EOFError):
+    """The other end of a worker socket closed it (usually: the process died)."""
+
+
+class ProtocolError(RuntimeError):
+    """The peer sent bytes that are not a well-formed message."""
+
+
+class WorkerTraceback(Exception):
+    """Attached as ``__cause__`` when the original message could not carry the worker's traceback."""
+
+
+class SandboxError(RuntimeError):
+    """The sandbox cannot be applied as asked (a multi-threaded process, for instance)."""
+
+
+class LockfileDriftError(IntegrityError):
+    """What a load produced differs from what the lockfile pinned."""

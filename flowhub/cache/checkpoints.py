@@ -30,6 +30,7 @@ from flowhub.net.download import download
 from flowhub.errors import ArchiveError, CheckpointFormatError, OfflineError
 from flowhub.net.http import HttpClient
 from flowhub.settings import ENV_OFFLINE
+from flowhub.cache import mapping
 from flowhub.notices import notice
 
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
@@ -385,6 +386,14 @@ def load_checkpoint(path: str, map_location: Any = None, lock_timeout: float = 6
                 "any code it holds) in this process and needs torch; flowhub does not do that outside a sandbox. "
                 "Load it with weights_only=True (in a sandboxed worker), or save it as a OneFlow checkpoint "
                 "(oneflow.save) and zip that folder.")
-    if map_location is None or isinstance(map_location, (str, flow.device, flow.placement)):
-        return flow.load(path, map_location=map_location)
-    return remap(flow.load(path, map_location="cpu"), map_location)
+    roots = [os.path.dirname(os.path.dirname(os.path.realpath(path)))]  # the checkpoints folder holding it
+    with mapping.mapped_loads(roots if _published(path) else []):  # a published entry: map, do not copy
+        if map_location is None or isinstance(map_location, (str, flow.device, flow.placement)):
+            return flow.load(path, map_location=map_location)
+        return remap(flow.load(path, map_location="cpu"), map_location)
+
+
+def _published(path: str) -> bool:
+    """True for a checkpoint folder this cache extracted (``<zip>.extracted/...``): published by rename,
+    never rewritten in place, so its files may be mapped."""
+    return EXTRACTED_SUFFIX + os.sep in os.path.realpath(path) + os.sep

@@ -20,15 +20,11 @@ from typing import Any, Dict, List, Optional
 
 from flowhub._version import __version__
 from flowhub.cache import store
-from flowhub.errors import IntegrityError
 from flowhub.net.github import is_full_sha
 from flowhub.spec import RepoSpec
+from flowhub.errors import LockfileDriftError  # noqa: F401  (re-exported: defined in errors.py)
 
 LOCKFILE_VERSION = 1
-
-
-class LockfileDriftError(IntegrityError):
-    """What a load produced differs from what the lockfile pinned."""
 
 
 def _jsonable(value: Any) -> Any:

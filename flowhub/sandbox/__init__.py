@@ -46,10 +46,7 @@ from flowhub.sandbox._common import Skipped, Unavailable, errno_name, thread_cou
 from flowhub.sandbox.limits import Watchdog, kill_tree
 from flowhub.sandbox.policy import DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, SandboxPolicy
 from flowhub.sandbox.report import MECHANISMS, SandboxReport, assess, format_report
-
-
-class SandboxError(RuntimeError):
-    """The sandbox cannot be applied as asked (a multi-threaded process, for instance)."""
+from flowhub.errors import SandboxError  # noqa: F401  (re-exported: defined in errors.py)
 
 
 _MODULES = {"environment": environment, "limits": limits, "namespaces": namespaces,

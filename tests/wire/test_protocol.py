@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from flowhub.errors import PeerClosed, ProtocolError
 from flowhub.worker.wire import protocol
-from flowhub.worker.wire.protocol import PeerClosed, ProtocolError
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -25,11 +25,14 @@ def rss() -> int:
 
 
 def open_fds() -> set:
-    """This process's open descriptors (not counting the one ``listdir`` used, closed when it returns)."""
+    """This process's open descriptors of the memfds these tests make (other threads of a full run,
+    a watchdog reading /proc for instance, open and close descriptors of their own meanwhile)."""
     out = set()
     for name in os.listdir("/proc/self/fd"):
         try:
             fcntl.fcntl(int(name), fcntl.F_GETFD)
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:wire-test"):
+                continue
         except OSError:
             continue
         out.add(name)
@@ -116,7 +119,6 @@ def test_wire_layout_is_prefix_compact_json_body(pair):
     raw = b.recv(1 << 16)
     head = b'{"a":1,"b":[1,2]}'
     assert raw == struct.pack("!IQ", len(head), 3) + head + b"xyz"
-    assert protocol._PREFIX.size == 12
 
 
 def test_hand_built_message_is_understood(pair):
@@ -476,11 +478,6 @@ def test_send_nowait_on_a_full_socket_sends_nothing(pair):
     assert drain(b) == b"f" * filled, "not one byte of the message went out"
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
-    "BUG: send_nowait() relies on MSG_DONTWAIT, but CPython waits for writability first whenever the "
-    "socket has a timeout, and recv_message() leaves one set (settimeout(remaining deadline)); "
-    "send_nowait's own partial-send path leaves settimeout(1.0). On a full socket it then blocks for the "
-    "leftover timeout and raises TimeoutError instead of returning False."))
 def test_send_nowait_after_recv_with_deadline_does_not_block(pair):
     a, b = pair
     filled = fill(a)

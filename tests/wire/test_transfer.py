@@ -198,11 +198,6 @@ def test_pack_refuses_dtypes_outside_the_allow_list(arr):
         transfer.pack([np.arange(3, dtype=np.uint8), arr])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: pack() (and codec.Encoder) check arr.dtype.name, which ignores byte order: a big-endian "
-    "'>i4' array is named 'int32', its raw bytes are written as they are, and the receiver reads them "
-    "as native little-endian int32: [0, 1, 2] arrives as [0, 16777216, 33554432]. pack should convert "
-    "(arr.astype(arr.dtype.newbyteorder('='))) or refuse non-native byte orders."))
 @pytest.mark.parametrize("dtype", [">i4", ">f8"])
 def test_big_endian_arrays_keep_their_values(dtype):
     arr = np.arange(3, dtype=dtype)
@@ -413,7 +408,8 @@ def test_validate_returns_dtype_shape_offset_nbytes():
         (np.dtype("float32"), (2, 3), 0, 24), (np.dtype("int64"), (), 64, 8), (np.dtype("bool"), (0, 5), 72, 0)]
 
 
-@pytest.mark.parametrize("table", [None, {}, "[]", ({"dtype": "uint8"},), 3], ids=["None", "dict", "str", "tuple", "int"])
+@pytest.mark.parametrize("table", [None, {}, "[]", ({"dtype": "uint8"},), 3],
+                         ids=["None", "dict", "str", "tuple", "int"])
 def test_validate_refuses_a_table_that_is_not_a_list(table):
     with pytest.raises(TransferError, match="tensor table is not a list of acceptable length"):
         transfer.validate(table, 0)
@@ -470,7 +466,7 @@ def test_validate_accepts_max_ndim():
     ("float32", (2, 3), 25), ("float32", (2, 3), 6), ("uint8", (), 0), ("int64", (0,), 8),
     ("complex128", (1,), 8), ("uint8", (2 ** 40, 2 ** 40), 0)])
 def test_validate_shape_times_itemsize_must_equal_nbytes(dtype, shape, nbytes):
-    with pytest.raises(TransferError, match=r"tensor table entry 0: shape .* x \d+ B != \d+ B"):
+    with pytest.raises(TransferError, match=r"tensor table entry 0(: shape .* x \d+ B != \d+ B| has an impossible shape)"):
         transfer.validate([entry(dtype, shape, 0, nbytes)], 256)
 
 
@@ -527,10 +523,6 @@ def test_unpack_refuses_a_padded_sparse_payload_before_mapping():
     assert rss() - before < (4 << 20)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG: MAX_NDIM is 64 but numpy 1.x arrays have at most 32 dimensions (NPY_MAXDIMS): validate() "
-    "accepts 33..64 dims and unpack() then raises a bare ValueError from reshape/np.empty instead of "
-    "TransferError (weights_only.load_weights catches only TransferError)."))
 @pytest.mark.parametrize("nbytes", [1, 0], ids=["mapped", "empty"])
 def test_unpack_refuses_more_dims_than_numpy_has(nbytes):
     shape = (1,) * 32 + (nbytes,)
@@ -543,10 +535,6 @@ def test_unpack_refuses_more_dims_than_numpy_has(nbytes):
         transfer.unpack(fd, size, [entry(shape=shape)])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG: an empty entry may have huge other dimensions (count 0 == nbytes 0 passes validate), then "
-    "unpack's np.empty(shape) raises a bare ValueError ('array is too big' / 'Maximum allowed "
-    "dimension exceeded') instead of TransferError."))
 @pytest.mark.parametrize("shape", [(0, 2 ** 63), (0, 10 ** 10, 10 ** 10)], ids=["dim>intp", "product>intp"])
 def test_unpack_refuses_empty_entries_numpy_cannot_make(shape):
     with pytest.raises(TransferError):

@@ -103,7 +103,7 @@ class WorkerManager:
                                mock_torch, label)
         worker.settings = settings  # for the requests a sandboxed worker makes during the call
         try:
-            result, used = self._call(worker, op, model, request, timeout, context, mode)
+            result, used = self._call(worker, op, model, request, timeout, context, mode, [call_settings.hub_dir])
             if weights is not None:
                 weights.extend(used)
             return result
@@ -327,7 +327,8 @@ class WorkerManager:
 
     # -- one call -------------------------------------------------------------------------------------
     def _call(self, worker: WorkerHandle, op: str, model: Optional[str], request: Any, timeout: Optional[float],
-              context: str, mode: str = "rebuild") -> Any:
+              context: str, mode: str = "rebuild", roots: Sequence[str] = ()) -> Any:
+        """One call; ``roots``: where the files a result may be mapped from lie (the hub cache)."""
         from flowhub.worker.wire import transfer
 
         packed = transfer.pack(request.arrays, name="flowhub-args")
@@ -349,7 +350,7 @@ class WorkerManager:
                 if reply.get("fatal"):
                     self._reap(worker, kill=True)  # the hubconf failed to import: start afresh next time
                 raise failures.from_reply(reply, body, context, worker.label)
-            return messages.decode_result(reply, body, fds, context)
+            return messages.decode_result(reply, body, fds, context, roots)
         del body  # proxy mode: never looked at, let alone unpickled
         result = self._proxy_reply(worker, conn, reply, fds, context)
         return result, messages.checked_weights(reply.get("weights"), context)

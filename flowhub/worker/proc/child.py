@@ -27,7 +27,8 @@ from typing import Any, List, Optional, Tuple
 
 from flowhub import context, entrypoints
 from flowhub.errors import TransferError
-from flowhub.worker.wire import failures, protocol, byvalue, transfer
+from flowhub.cache import mapping
+from flowhub.worker.wire import byvalue, failures, protocol, transfer, weightrefs
 from flowhub.worker.proc import objects
 
 from flowhub.worker.wire.messages import OPS  # noqa: E402
@@ -105,7 +106,9 @@ class WorkerLoop:
                 raise _Failure("transfer", ValueError(f"unsupported worker request {op!r} / {header.get('mode')!r}"))
             settings, args, kwargs, rng = self.decode_request(header, body, fds)
             if settings is not None:
-                context.adopt(context.CallSettings.from_wire(settings))
+                call = context.CallSettings.from_wire(settings)
+                context.adopt(call)
+                mapping.install([call.settings.hub_dir])  # oneflow.load maps what the hub cache holds
             if rng:
                 byvalue.set_rng_state(rng)
             result = self.run(op, model, args, kwargs)
@@ -114,14 +117,17 @@ class WorkerLoop:
             try:
                 encoded = byvalue.encode((result, byvalue.rng_state(), context.take_weights_log()))
                 del result
-                packed = transfer.pack(encoded.arrays, name="flowhub-result")
+                # tensors that are bytes of a cached checkpoint file go as references to it, not as bytes
+                refs = weightrefs.match(encoded.arrays, encoded.meta, mapping.take_loaded())
+                arrays, meta, files = weightrefs.split(encoded.arrays, encoded.meta, refs)
+                packed = transfer.pack(arrays, name="flowhub-result")
             except Exception as exc:
                 raise _Failure("transfer", TransferError(
                     f"the result of {model or op!r} cannot be sent back by value "
                     f"({type(exc).__name__}: {exc}); use mode=\"proxy\" to keep it in the worker")) from None
-            table = [dict(entry, **meta) for entry, meta in zip(packed.table, encoded.meta)]
-            protocol.send_message(self.sock, {"ok": True, "size": packed.size, "table": table}, encoded.blob,
-                                  [packed.fd] if packed.fd is not None else [])
+            table = [dict(entry, **info) for entry, info in zip(packed.table, meta)]
+            protocol.send_message(self.sock, {"ok": True, "size": packed.size, "table": table, "files": files},
+                                  encoded.blob, [packed.fd] if packed.fd is not None else [])
         except _Failure as failure:
             self._send_failure(failure)
         except Exception as exc:  # outside hubconf code (settings, our own loop): report, then retire

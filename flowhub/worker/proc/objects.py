@@ -26,6 +26,7 @@ import types
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from flowhub import context
+from flowhub.cache import mapping
 from flowhub.errors import TransferError
 from flowhub.worker.wire import byvalue, codec, failures, protocol, transfer
 
@@ -214,7 +215,9 @@ class ObjectServer:
     def _entrypoint(self, op: str, header: dict, body: bytes, fds: List[int]) -> Tuple[Any, dict]:
         settings, args, kwargs, rng = self.loop.decode_request(header, body, fds)
         if settings is not None:
-            context.adopt(context.CallSettings.from_wire(settings))
+            call = context.CallSettings.from_wire(settings)
+            context.adopt(call)
+            mapping.install([call.settings.hub_dir])  # oneflow.load maps what the hub cache holds
         if rng:
             byvalue.set_rng_state(rng)
         result = self.loop.run(op, header.get("model"), args, kwargs)

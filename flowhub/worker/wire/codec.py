@@ -40,6 +40,8 @@ from flowhub.worker.wire import transfer
 
 MAX_DEPTH = 64
 MAX_REPR = 1 << 16
+#: base64 text of a bytes (or caller-side pickle) node: anything the message's header can hold.
+MAX_BYTES_TEXT = 16 << 20
 _SCALARS = (type(None), bool, int, float, str)
 _DTYPES: Optional[Dict[str, Any]] = None
 _DEVICE = re.compile(r"[a-z]{1,16}(:[0-9]{1,4})?\Z")
@@ -197,7 +199,7 @@ class Decoder:
         if tag == "ref":
             return self.ref(node)
         if tag == "bytes":
-            return base64.b64decode(_str(node, "v"), validate=True)
+            return base64.b64decode(_str(node, "v", MAX_BYTES_TEXT), validate=True)
         if tag == "device":
             name = _str(node, "v", 32)
             if not _DEVICE.match(name):
@@ -216,7 +218,7 @@ class Decoder:
         if tag == "ellipsis":
             return Ellipsis
         if tag == "pickle" and self.allow_pickle:
-            return pickle.loads(base64.b64decode(_str(node, "v")))
+            return pickle.loads(base64.b64decode(_str(node, "v", MAX_BYTES_TEXT)))
         raise TransferError(f"unknown value node {str(tag)!r:.50}")
 
     def _array(self, tag: str, node: dict) -> Any:

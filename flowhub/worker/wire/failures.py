@@ -24,6 +24,7 @@ import types
 from typing import Callable, Optional, Tuple
 
 from flowhub.errors import HubconfError
+from flowhub.errors import WorkerTraceback  # noqa: F401  (re-exported: defined in errors.py)
 
 _MAX_TRACEBACK = 64 << 10
 _FLOWHUB = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,10 +38,6 @@ def _skip_machinery(tb: Optional[types.TracebackType]) -> Optional[types.Traceba
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_MACHINERY):
         tb = tb.tb_next
     return tb or first
-
-
-class WorkerTraceback(Exception):
-    """Attached as ``__cause__`` when the original message could not carry the worker's traceback."""
 
 
 def _importable_by_name(cls: type) -> bool:

@@ -1,7 +1,7 @@
 """Names both ends of the worker socket agree on: operations, exit codes, sandbox strengths."""
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Sequence
 
 from flowhub.errors import TransferError
 
@@ -13,9 +13,9 @@ EXIT_SANDBOX_WEAK = 78
 LIMIT_OPTIONS = ("max_memory", "max_file_size", "cpu_seconds", "max_processes", "max_scratch")
 
 
-def decode_result(reply: dict, body: bytes, fds: List[int], context: str) -> Any:
+def decode_result(reply: dict, body: bytes, fds: List[int], context: str, roots: Sequence[str] = ()) -> Any:
     """A rebuild-mode reply: ``(result, weight records)``, its tensor table validated and mapped first."""
-    from flowhub.worker.wire import byvalue, protocol, transfer  # delayed: byvalue imports oneflow
+    from flowhub.worker.wire import byvalue, protocol, transfer, weightrefs  # delayed: byvalue imports oneflow
 
     fd = fds.pop(0) if fds else None
     protocol.close_fds(fds)
@@ -23,11 +23,13 @@ def decode_result(reply: dict, body: bytes, fds: List[int], context: str) -> Any
         table = reply.get("table")
         # pre-fault the pages in one madvise (no copy): cheaper than faulting them one by one later
         arrays = transfer.unpack(fd, int(reply.get("size", 0)), table, populate=True)
-        for entry in table:  # type: ignore[union-attr]
+        # tensors sent as references to files of the hub cache (``roots``) are mapped from there
+        arrays, table = weightrefs.join(table, arrays, reply.get("files"), roots)  # type: ignore[arg-type]
+        for entry in table:
             if entry.get("kind") not in ("param", "tensor", "buffer") or (
                     entry.get("kind") == "buffer" and entry.get("dtype") != "uint8"):
                 raise TransferError(f"bad tensor kind in the result table: {entry!r:.200}")
-        result, rng, weights = byvalue.decode(body, arrays, table)  # type: ignore[arg-type]
+        result, rng, weights = byvalue.decode(body, arrays, table)
     except TransferError as exc:
         raise TransferError(f"{context}: {exc}") from None
     except Exception as exc:

@@ -30,6 +30,7 @@ import socket
 import struct
 import time
 from typing import List, Optional, Sequence, Tuple
+from flowhub.errors import PeerClosed, ProtocolError  # noqa: F401  (re-exported: defined in errors.py)
 
 _PREFIX = struct.Struct("!IQ")
 MAX_FDS = 4
@@ -40,14 +41,6 @@ MAX_BODY = 1 << 30  # a pickled skeleton or exception; tensors travel in a memfd
 _CHUNK = 1 << 20
 
 Message = Tuple[dict, bytes, List[int]]
-
-
-class PeerClosed(EOFError):
-    """The other end closed its socket (usually: the process died)."""
-
-
-class ProtocolError(RuntimeError):
-    """The peer sent bytes that are not a well-formed message."""
 
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:
@@ -81,13 +74,19 @@ def send_nowait(sock: socket.socket, header: dict) -> bool:
     of it, the rest gets one second; after a :class:`TimeoutError` then, the stream is broken."""
     head = json.dumps(header, separators=(",", ":")).encode()
     data = _PREFIX.pack(len(head), 0) + head
+    sock.settimeout(0.0)  # a timeout left by the last call would make send() wait for writability first
     try:
         sent = sock.send(data, socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return False
+    finally:
+        sock.settimeout(None)
     if sent < len(data):
         sock.settimeout(1.0)
-        sock.sendall(data[sent:])
+        try:
+            sock.sendall(data[sent:])
+        finally:
+            sock.settimeout(None)
     return True
 
 

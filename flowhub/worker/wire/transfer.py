@@ -27,7 +27,7 @@ from flowhub.errors import TransferError
 
 ALIGN = 64
 MAX_ENTRIES = 1 << 17  # tensors in one payload (large models have a few thousand)
-MAX_NDIM = 64
+MAX_NDIM = 32  # numpy 1.x's own limit
 _CHUNK = 1 << 30  # one pwrite never moves more than this (Linux caps a write near 2 GiB)
 
 #: dtypes that may cross; everything else (object, structured, datetime...) is refused.
@@ -66,6 +66,8 @@ def pack(arrays: Sequence[np.ndarray], name: str = "flowhub") -> Packed:
     """Write ``arrays`` into a new sealed memfd (sender side)."""
     table, flat, offset = [], [], 0
     for arr in arrays:
+        if not arr.dtype.isnative:  # the table names no byte order: native it is
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
         if arr.dtype.name not in DTYPES:
@@ -112,9 +114,12 @@ def validate(table: object, size: int) -> List[tuple]:
         ints = (offset, nbytes) + shape
         if len(shape) > MAX_NDIM or not all(type(v) is int and v >= 0 for v in ints):
             raise TransferError(f"tensor table entry {i} has a bad shape, offset or size: {entry!r:.200}")
-        count = 1
+        count, extent = 1, dtype.itemsize
         for dim in shape:
             count *= dim
+            extent *= max(dim, 1)
+        if extent >= 1 << 62:  # even an empty array of such a shape is beyond numpy
+            raise TransferError(f"tensor table entry {i} has an impossible shape {shape!r:.200}")
         if count * dtype.itemsize != nbytes:
             raise TransferError(f"tensor table entry {i}: shape {shape} x {dtype.itemsize} B != {nbytes} B")
         if offset % dtype.itemsize or offset + nbytes > size:

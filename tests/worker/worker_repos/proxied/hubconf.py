@@ -1,4 +1,4 @@
-"""Test repository for proxy mode (see tests/test_proxy.py)."""
+"""Test repository for proxy mode (see tests/worker/test_proxy.py)."""
 import os
 
 import oneflow as flow

@@ -1,6 +1,6 @@
 """Isolated workers (flowhub.worker): real oneflow models, real processes, no mocks.
 
-The repositories used live in tests/worker_repos/: ``v1`` and ``v2`` (made from v1 below) are two versions of one repo
+The repositories used live in tests/worker/worker_repos/: ``v1`` and ``v2`` (made from v1 below) are two versions of one repo
 (same package ``mypkg``, different model widths), ``colliding_a``/``colliding_b`` both ship
 top-level ``models`` and ``utils`` packages, ``broken`` cannot be imported and ``torchstyle`` is
 written against ``torch``.

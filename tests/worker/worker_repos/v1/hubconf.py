@@ -1,4 +1,4 @@
-"""Test repository: one version of ``mypkg`` (see tests/test_worker.py)."""
+"""Test repository: one version of ``mypkg`` (see tests/worker/test_worker.py)."""
 import ctypes
 import hashlib
 import os

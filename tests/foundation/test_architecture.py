@@ -10,7 +10,7 @@ import sys
 import grimp
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = os.path.join(ROOT, "flowhub")
 MAX_LINES = 500
 
@@ -60,3 +60,13 @@ def test_module_is_short_and_keeps_its_private_names(module, path):
                 is_module = os.path.isdir(target) or os.path.exists(target + ".py")
                 assert not alias.name.startswith("_") or alias.name.startswith("__") or is_module, \
                     f"{module} imports the private name {alias.name} from {node.module}"
+
+
+def test_importing_flowhub_is_cheap():
+    """No numpy, oneflow or thread at ``import flowhub``: a caller's zygote may still be forked from it."""
+    code = ("import os, sys; import flowhub; "
+            "print(sorted(m for m in ('numpy', 'oneflow', 'cloudpickle') if m in sys.modules), "
+            "len(os.listdir('/proc/self/task')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["[]", "1"], proc.stdout

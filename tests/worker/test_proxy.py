@@ -1,6 +1,6 @@
 """Proxy mode (flowhub.worker.host.proxy): real models in real worker processes, no mocks.
 
-The repository ``tests/worker_repos/proxied`` holds ``Net``, a small CNN with a dataclass config, a
+The repository ``tests/worker/worker_repos/proxied`` holds ``Net``, a small CNN with a dataclass config, a
 0-d buffer and methods that return structured values, crash, sleep or stream; ``scale`` doubles its
 input. Each result is checked against the same model rebuilt in this process (mode="rebuild").
 """
