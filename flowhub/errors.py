@@ -176,3 +176,7 @@ class SandboxError(RuntimeError):
 
 class LockfileDriftError(IntegrityError):
     """What a load produced differs from what the lockfile pinned."""
+
+
+class DownloadTooLargeError(NetworkError, PermissionError):
+    """A download announced or streamed more bytes than it may take (a sandboxed call's quota)."""

@@ -17,7 +17,7 @@ from flowhub.errors import RepoSpecError
 from flowhub.net.http import HttpClient
 from flowhub.cache.provenance import Lockfile, Provenance
 from flowhub.settings import Settings
-from flowhub.spec import parse_repo_spec
+from flowhub.spec import RepoSpec, parse_repo_spec
 from flowhub.cache.trust import TrustArg
 
 
@@ -85,16 +85,18 @@ class Hub:
     def list(self, github: str, force_reload: bool = False, skip_validation: bool = False,
              trust_repo: TrustArg = None, verbose: bool = True) -> List[str]:
         """All public callable entrypoints in the repo's ``hubconf.py``."""
-        checkout = self._checkout(github, force_reload, skip_validation, trust_repo, "list", verbose,
-                                  self._untrusted_ok("list"))
-        return self._run(checkout.path, self._worker_key(checkout), str(checkout.spec), "list")
+        settings = self.settings()
+        checkout = self._checkout(settings, parse_repo_spec(github), force_reload, skip_validation, trust_repo,
+                                  "list", verbose)
+        return self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "list")
 
     def help(self, github: str, model: str, force_reload: bool = False, skip_validation: bool = False,
              trust_repo: TrustArg = None) -> Optional[str]:
         """The docstring of entrypoint ``model``."""
-        checkout = self._checkout(github, force_reload, skip_validation, trust_repo, "help", True,
-                                  self._untrusted_ok("help"))
-        return self._run(checkout.path, self._worker_key(checkout), str(checkout.spec), "help", model)
+        settings = self.settings()
+        checkout = self._checkout(settings, parse_repo_spec(github), force_reload, skip_validation, trust_repo,
+                                  "help", True)
+        return self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "help", model)
 
     def load(self, repo_or_dir: str, model: str, *args: Any, source: str = "github", trust_repo: TrustArg = None,
              force_reload: bool = False, verbose: bool = True, skip_validation: bool = False, **kwargs: Any) -> Any:
@@ -103,12 +105,12 @@ class Hub:
         if source not in ("github", "local"):
             raise RepoSpecError(f'Unknown source: "{source}". Allowed values: "github" | "local".')
         weights: List[Dict[str, Any]] = []
+        settings = self.settings()  # once per load: every step below sees the same settings
         if source == "github":
-            checkout = self._checkout(repo_or_dir, force_reload, skip_validation, trust_repo, "load", verbose,
-                                      self._untrusted_ok("load"))
-            result = self._run(checkout.path, self._worker_key(checkout), str(checkout.spec), "load", model, args,
-                               kwargs, refresh_weights=force_reload, weights=weights)
             requested = parse_repo_spec(repo_or_dir)
+            checkout = self._checkout(settings, requested, force_reload, skip_validation, trust_repo, "load", verbose)
+            result = self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "load", model,
+                               args, kwargs, refresh_weights=force_reload, weights=weights)
             self.last_provenance = Provenance.of_call(
                 f"{requested.owner}/{requested.repo}", requested.ref or checkout.spec.ref, checkout.sha, model, args,
                 kwargs, weights)
@@ -120,8 +122,8 @@ class Hub:
         repo_dir = os.path.abspath(os.path.expanduser(os.fspath(repo_or_dir)))
         if not os.path.isdir(repo_dir):
             raise FileNotFoundError(f"{repo_or_dir} is not a folder; source='local' needs a folder with a hubconf.py.")
-        result = self._run(repo_dir, f"local:{os.path.realpath(repo_dir)}", repo_dir, "load", model, args, kwargs,
-                           weights=weights)
+        result = self._run(settings, repo_dir, f"local:{os.path.realpath(repo_dir)}", repo_dir, "load", model, args,
+                           kwargs, weights=weights)
         self.last_provenance = Provenance.of_call(repo_dir, None, None, model, args, kwargs, weights, source="local")
         return result
 
@@ -146,7 +148,7 @@ class Hub:
         def side(repo: str) -> Tuple[List[str], Any]:
             if os.path.isdir(repo):
                 repo_dir = os.path.abspath(repo)
-                names = hub._run(repo_dir, f"local:{os.path.realpath(repo_dir)}", repo_dir, "list")
+                names = hub._run(hub.settings(), repo_dir, f"local:{os.path.realpath(repo_dir)}", repo_dir, "list")
                 return names, hub.load(repo_dir, model, *args, source="local", **kwargs)
             names = hub.list(repo, force_reload=force_reload, skip_validation=skip_validation, trust_repo=trust_repo)
             return names, hub.load(repo, model, *args, trust_repo=trust_repo, skip_validation=skip_validation, **kwargs)
@@ -158,30 +160,21 @@ class Hub:
                             entrypoints_removed=sorted(set(names_a) - set(names_b)))
         return compare_models(obj_a, obj_b, result, inputs)
 
-    def _checkout(self, github: str, force_reload: bool, skip_validation: bool, trust_repo: TrustArg,
-                  calling_fn: str, verbose: bool, untrusted_ok: bool = False) -> repos.Checkout:
-        spec = parse_repo_spec(github)
+    def _checkout(self, settings: Settings, spec: RepoSpec, force_reload: bool, skip_validation: bool,
+                  trust_repo: TrustArg, calling_fn: str, verbose: bool) -> repos.Checkout:
         pinned = self.lockfile.pinned_sha(spec) if self.lockfile is not None else None
-        return repos.get_checkout(self.client(), spec, force_reload=force_reload, skip_validation=skip_validation,
-                                  trust_repo=trust_repo, calling_fn=calling_fn, verbose=verbose, pinned_sha=pinned,
-                                  untrusted_ok=untrusted_ok)
-
-    def _untrusted_ok(self, op: str) -> bool:
-        """With a sandbox, untrusted code may run without a trust confirmation wherever nothing it
-        returns is unpickled here: list, help and proxy mode. Rebuild mode re-creates the repo's
-        objects (its code) in this process, so there the reference's trust rules stay."""
-        settings = self.settings()
-        return settings.sandbox and (op != "load" or settings.mode == "proxy")
+        return repos.get_checkout(HttpClient(settings), spec, force_reload=force_reload,
+                                  skip_validation=skip_validation, trust_repo=trust_repo, calling_fn=calling_fn,
+                                  verbose=verbose, pinned_sha=pinned, untrusted_ok=_untrusted_ok(settings, calling_fn))
 
     def _worker_key(self, checkout: repos.Checkout) -> str:
         spec = checkout.spec
         return f"{spec.key}@{checkout.sha or spec.ref}:{os.path.realpath(checkout.path)}"
 
-    def _run(self, repo_dir: str, key: str, label: str, op: str, model: Optional[str] = None,
+    def _run(self, settings: Settings, repo_dir: str, key: str, label: str, op: str, model: Optional[str] = None,
              args: tuple = (), kwargs: Optional[dict] = None, refresh_weights: bool = False,
              weights: Optional[List[Dict[str, Any]]] = None) -> Any:
         """Run list/help/load where the mode says; weight files the entrypoint used are appended to ``weights``."""
-        settings = self.settings()
         expected = self.lockfile.expected_weights() if self.lockfile is not None else None
         if settings.sandbox and settings.mode == "inprocess":
             raise ValueError('sandbox=True (FLOWHUB_SANDBOX) needs a worker: use mode="proxy" or "rebuild", '
@@ -239,6 +232,13 @@ class Hub:
         if not weights_only:
             return checkpoints.load_checkpoint(os.fspath(path), map_location, settings.lock_timeout)
         return _load_weights_only(path, map_location, settings)
+
+
+def _untrusted_ok(settings: Settings, op: str) -> bool:
+    """With a sandbox, untrusted code may run without a trust confirmation wherever nothing it
+    returns is unpickled here: list, help and proxy mode. Rebuild mode re-creates the repo's
+    objects (its code) in this process, so there the reference's trust rules stay."""
+    return settings.sandbox and (op != "load" or settings.mode == "proxy")
 
 
 def _load_weights_only(path: PathLike, map_location: Any, settings: Settings) -> Any:

@@ -82,6 +82,7 @@ def build(root: str) -> str:
     assets = os.path.join(root, "served", "bench", "big", "releases", "download", "v1")
     os.makedirs(assets)
     with zipfile.ZipFile(os.path.join(assets, "big.zip"), "w") as z:  # stored: as torch and flow.save do
+        z.write(saved, "big")  # the folder first: the reference loads the first member's path
         for folder, _, files in os.walk(saved):
             for name in files:
                 full = os.path.join(folder, name)
@@ -106,8 +107,11 @@ def main() -> None:
                 for how in contenders:
                     env = dict(os.environ, ONEFLOW_HOME=os.path.join(root, f"home-{how}"), GLOG_minloglevel="2")
                     wall = time.perf_counter()
-                    out = subprocess.run([sys.executable, "-c", RUN, how, repo, url], env=env, check=True,
-                                         capture_output=True, text=True).stdout
+                    proc = subprocess.run([sys.executable, "-c", RUN, how, repo, url], env=env,
+                                          capture_output=True, text=True)
+                    if proc.returncode:
+                        raise SystemExit(f"{how} failed:\n{proc.stderr[-3000:]}")
+                    out = proc.stdout
                     data = json.loads(out.strip().splitlines()[-1])
                     data["wall"] = time.perf_counter() - wall
                     if i:

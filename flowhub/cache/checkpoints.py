@@ -179,8 +179,9 @@ def _cached_checkpoint_ok(model_dir: str, filename: str) -> bool:
 
 def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: bool = True,
                   check_hash: bool = False, file_name: Optional[str] = None,
-                  refresh: Optional[Callable[[str], bool]] = None) -> str:
-    """Return the path of the cached file for ``url``, downloading it once (under a lock) if needed.
+                  refresh: Optional[Callable[[str], bool]] = None, max_bytes: Optional[int] = None) -> str:
+    """Return the path of the cached file for ``url``, downloading it once (under a lock) if needed
+    (at most ``max_bytes``: see :func:`flowhub.net.download.download`).
 
     ``refresh(path)`` returning True forces a new download of a cached file (``force_reload``). The
     download must be a checkpoint (:func:`checkpoint_format`), or nothing is cached.
@@ -210,7 +211,8 @@ def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: boo
         if not force and _cached_checkpoint_ok(model_dir, filename):
             return cached
         notice(f'Downloading: "{url}" to {cached}')
-        result = download(client, url, cached, hash_prefix=hash_prefix, progress=progress, validate=_validator(url))
+        result = download(client, url, cached, hash_prefix=hash_prefix, progress=progress, validate=_validator(url),
+                          max_bytes=max_bytes)
         try:
             store.write_json_atomic(file_record_path(model_dir, filename), {
                 "url": url, "size": result.size, "sha256": result.sha256, "etag": result.etag,

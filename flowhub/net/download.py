@@ -23,7 +23,7 @@ import urllib3
 from tqdm.auto import tqdm
 
 from flowhub import settings as settings_mod
-from flowhub.errors import HashMismatchError, IncompleteDownloadError, NetworkError
+from flowhub.errors import DownloadTooLargeError, HashMismatchError, IncompleteDownloadError, NetworkError
 from flowhub.net.http import HttpClient, check_status, network_error
 from flowhub.net.urls import http_origin
 
@@ -56,8 +56,10 @@ def temp_path_for(dst: str) -> str:
 class _Transfer:
     """State of one download across its resumed requests."""
 
-    def __init__(self, client: HttpClient, url: str, out: BinaryIO, progress: bool, desc: str) -> None:
+    def __init__(self, client: HttpClient, url: str, out: BinaryIO, progress: bool, desc: str,
+                 max_bytes: Optional[int] = None) -> None:
         self.client = client
+        self.max_bytes = max_bytes
         self.url = url
         self.out = out
         self.sha = hashlib.sha256()
@@ -107,6 +109,8 @@ class _Transfer:
             self.restart()
         length = response.headers.get("Content-Length")
         self.total = int(length) if length is not None and response.status_code == 200 else None
+        if self.total is not None:
+            self._check_size(self.total)
         self.etag = response.headers.get("ETag")
         self.content_type = response.headers.get("Content-Type")
         self.show_total()
@@ -147,8 +151,14 @@ class _Transfer:
                 raise
             self._take(block)
 
+    def _check_size(self, size: int) -> None:
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise DownloadTooLargeError(f"Downloading {self.url}: it is over the {self.max_bytes} bytes this "
+                                        "download may take; nothing was saved.")
+
     def _take(self, data: bytearray) -> None:
         if data:
+            self._check_size(self.written + len(data))
             self.out.write(data)
             self.sha.update(data)
             self.written += len(data)
@@ -157,9 +167,10 @@ class _Transfer:
 
 def download(client: HttpClient, url: str, dst: str, *, hash_prefix: Optional[str] = None,
              progress: bool = True, desc: Optional[str] = None,
-             validate: Optional[Validator] = None) -> DownloadResult:
+             validate: Optional[Validator] = None, max_bytes: Optional[int] = None) -> DownloadResult:
     """Download ``url`` to ``dst`` atomically; resume on dropped connections; verify size, hash and,
     with ``validate``, the content (it gets the temp file and the server's ``Content-Type``).
+    ``max_bytes``: refuse (``DownloadTooLargeError``, nothing saved) a body that announces or streams more.
 
     ``TQDM_DISABLE=1`` in the environment turns the progress bar off whatever ``progress`` says
     (``flowhub -q`` sets it, so a hubconf's own ``progress=True`` downloads are quiet too).
@@ -171,7 +182,7 @@ def download(client: HttpClient, url: str, dst: str, *, hash_prefix: Optional[st
     tmp = temp_path_for(dst)
     try:
         with open(tmp, "wb") as out:
-            transfer = _Transfer(client, url, out, progress, desc or os.path.basename(dst))
+            transfer = _Transfer(client, url, out, progress, desc or os.path.basename(dst), max_bytes)
             try:
                 _run(transfer)
             finally:

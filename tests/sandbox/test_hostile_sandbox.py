@@ -409,6 +409,10 @@ def test_downloads_per_call_and_zip_bombs_are_bounded(gh, hub_root, repo, tmp_pa
     got = hub.load(repo, "fetch_many", base, ["a.bin", "b.bin", "c.bin"], source="local")
     assert got[:2] == ["a.bin", "b.bin"] and got[2].startswith("PermissionError") and "2 downloads" in got[2]
     assert hub.load(repo, "fetch_many", base, ["c.bin"], source="local") == ["c.bin"]  # a new call, a new quota
+    monkeypatch.setenv("FLOWHUB_SANDBOX_MAX_DOWNLOAD_BYTES", "1500")  # bytes, counted as they stream
+    got = hub.load(repo, "fetch_many", base, ["a.bin", "b.bin"], source="local")
+    assert got[0] == "a.bin" and got[1].startswith("DownloadTooLargeError") and "500 bytes" in got[1], got
+    monkeypatch.delenv("FLOWHUB_SANDBOX_MAX_DOWNLOAD_BYTES")
     outcome = hub.load(repo, "bomb", f"{base}/bomb.zip", source="local")
     assert "expand" in outcome and "refusing" in outcome, outcome
     sandboxed = tmp_path / "hub" / "checkpoints" / ".sandboxed"

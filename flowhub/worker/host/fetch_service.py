@@ -142,7 +142,7 @@ long as the call, ``inbox`` is the worker's read-only folder for plain downloads
 
             cached = checkpoints.fetch_weights(client, url, folder, progress=progress,
                                                check_hash=header.get("check_hash") is True, file_name=name,
-                                               refresh=refresh)
+                                               refresh=refresh, max_bytes=quota.left())
         if not _inside(cached, settings.hub_dir):
             raise ValueError(f"refusing to hand {cached} to a sandboxed worker: it is outside the hub folder")
         quota.take_bytes(os.path.getsize(cached), url)
@@ -160,7 +160,7 @@ long as the call, ``inbox`` is the worker's read-only folder for plain downloads
         name = os.path.basename(urlsplit(url).path)
         name = name if name not in ("", ".", "..") and len(name) <= 200 else "download"
         target = os.path.join(inbox, f"{os.urandom(6).hex()}-{name}")
-        result = download(client, url, target, hash_prefix=prefix, progress=progress)
+        result = download(client, url, target, hash_prefix=prefix, progress=progress, max_bytes=quota.left())
         quota.take_bytes(result.size, url)
         fingerprint = {"url": url, "file": name, "size": result.size, "sha256": result.sha256}
         path = result.path

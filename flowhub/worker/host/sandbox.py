@@ -22,8 +22,8 @@ What :mod:`flowhub.sandbox` asks of a caller, done here for :class:`~flowhub.wor
   a pickle that a later trusted load runs); ``download_url_to_file`` lands in the worker's inbox;
 * one-shot workers for weights-only loads (:meth:`SandboxHost.run_once`).
 
-Limits are read from the environment when a worker is started (:class:`Limits`; ``flowhub doctor``
-shows each with how it is enforced):
+Limits (:class:`Limits`; ``flowhub doctor`` shows each with how it is enforced) are read from the
+environment when a worker is started, except the call time and the download quotas, read at each call:
 
 =================================== ============================================== ==================
 ``FLOWHUB_SANDBOX_MAX_MEMORY``       memory of a worker and its subprocesses          4 GiB
@@ -305,7 +305,7 @@ class SandboxHost:
             raise protocol.ProtocolError(f"unexpected request {str(header.get('request'))!r:.40} "
                                          f"({str(header.get('kind'))!r:.40}) from a worker")
         try:
-            reply = fetch_service.fetch(header, settings or {}, state, slot.inbox, slot.limits)
+            reply = fetch_service.fetch(header, settings or {}, state, slot.inbox, Limits.from_env())  # read per call
             reply["ok"] = True
         except Exception as exc:
             cls = type(exc)

@@ -96,6 +96,18 @@ class WorkerLoop:
             raise _Failure("transfer", TransferError(
                 f"the arguments could not be rebuilt in the worker: {type(exc).__name__}: {exc}")) from None
 
+    def begin_call(self, header: dict, body: bytes, fds: List[int]) -> Tuple[tuple, dict]:
+        """Decode a list/help/load request and take on the caller's settings and random state for it;
+        returns its arguments."""
+        settings, args, kwargs, rng = self.decode_request(header, body, fds)
+        if settings is not None:
+            call = context.CallSettings.from_wire(settings)
+            context.adopt(call)
+            mapping.install([call.settings.hub_dir])  # oneflow.load maps what the hub cache holds
+        if rng:
+            byvalue.set_rng_state(rng)
+        return args, kwargs
+
     def handle(self, header: dict, body: bytes, fds: List[int]) -> None:
         if header.get("mode") == "proxy":
             return self.proxies.handle(header, body, fds)
@@ -104,13 +116,7 @@ class WorkerLoop:
         try:
             if op not in OPS or header.get("mode", "rebuild") != "rebuild":
                 raise _Failure("transfer", ValueError(f"unsupported worker request {op!r} / {header.get('mode')!r}"))
-            settings, args, kwargs, rng = self.decode_request(header, body, fds)
-            if settings is not None:
-                call = context.CallSettings.from_wire(settings)
-                context.adopt(call)
-                mapping.install([call.settings.hub_dir])  # oneflow.load maps what the hub cache holds
-            if rng:
-                byvalue.set_rng_state(rng)
+            args, kwargs = self.begin_call(header, body, fds)
             result = self.run(op, model, args, kwargs)
             del args, kwargs
             self.modules.refresh()

@@ -26,9 +26,8 @@ import types
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from flowhub import context
-from flowhub.cache import mapping
 from flowhub.errors import TransferError
-from flowhub.worker.wire import byvalue, codec, failures, protocol, transfer
+from flowhub.worker.wire import codec, failures, protocol, transfer
 
 OPS = ("list", "help", "load", "getattr", "call", "callmethod", "getitem", "contains", "len", "iter", "next",
        "bool", "describe", "dir", "mro", "stats", "release")
@@ -213,13 +212,7 @@ class ObjectServer:
         return args, kwargs, key
 
     def _entrypoint(self, op: str, header: dict, body: bytes, fds: List[int]) -> Tuple[Any, dict]:
-        settings, args, kwargs, rng = self.loop.decode_request(header, body, fds)
-        if settings is not None:
-            call = context.CallSettings.from_wire(settings)
-            context.adopt(call)
-            mapping.install([call.settings.hub_dir])  # oneflow.load maps what the hub cache holds
-        if rng:
-            byvalue.set_rng_state(rng)
+        args, kwargs = self.loop.begin_call(header, body, fds)
         result = self.loop.run(op, header.get("model"), args, kwargs)
         return result, ({"weights": context.take_weights_log()} if op == "load" else {})
 

@@ -25,29 +25,50 @@ from flowhub.worker.wire import transfer
 def match(arrays: Sequence[np.ndarray], meta: Sequence[dict],
           loaded: Sequence[mapping.LoadedFile]) -> List[Optional[dict]]:
     """Per array: ``{"file": path, "offset": 0}`` if it is a tensor equal to one of ``loaded``, else None."""
-    candidates: Dict[Tuple[str, Tuple[int, ...]], List[mapping.LoadedFile]] = {}
+    # candidates by (dtype, shape, a sample of their bytes): one full comparison per match, however many
+    # tensors share a shape (a model's layers usually do)
+    candidates: Dict[Tuple[str, Tuple[int, ...], bytes], List[mapping.LoadedFile]] = {}
     for f in loaded:
-        candidates.setdefault((f.dtype, tuple(f.shape)), []).append(f)
+        sample = _file_sample(f.path, f.nbytes)
+        if sample is not None:
+            candidates.setdefault((f.dtype, tuple(f.shape), sample), []).append(f)
     refs: List[Optional[dict]] = []
     for array, info in zip(arrays, meta):
         ref = None
         if info.get("kind") in ("param", "tensor") and array.nbytes >= mapping.MIN_MAPPED_BYTES:
-            for f in candidates.get((array.dtype.name, tuple(array.shape)), ()):
-                if _same_bytes(array, f.path, f.nbytes):
+            flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            for f in candidates.get((array.dtype.name, tuple(array.shape), _sample(flat)), ()):
+                if _same_bytes(flat, f.path, f.nbytes):
                     ref = {"file": f.path, "offset": 0}
                     break
         refs.append(ref)
     return refs
 
 
-def _same_bytes(array: np.ndarray, path: str, nbytes: int) -> bool:
+_SAMPLE = 256
+
+
+def _sample(flat: np.ndarray) -> bytes:
+    """A few hundred bytes from the start, middle and end of ``flat`` (uint8)."""
+    n, mid = len(flat), len(flat) // 2
+    return b"".join(flat[a:a + _SAMPLE].tobytes() for a in (0, max(mid - _SAMPLE // 2, 0), max(n - _SAMPLE, 0)))
+
+
+def _file_sample(path: str, nbytes: int) -> Optional[bytes]:
     try:
         if os.path.getsize(path) != nbytes:
-            return False
+            return None
+        return _sample(np.memmap(path, dtype=np.uint8, mode="r", shape=(nbytes,)))
+    except (OSError, ValueError):
+        return None
+
+
+def _same_bytes(flat: np.ndarray, path: str, nbytes: int) -> bool:
+    try:
         on_disk = np.memmap(path, dtype=np.uint8, mode="r", shape=(nbytes,))
     except (OSError, ValueError):
         return False
-    return bool(np.array_equal(np.ascontiguousarray(array).reshape(-1).view(np.uint8), on_disk))
+    return bool(np.array_equal(flat, on_disk))
 
 
 def open_reference(entry: dict, roots: Sequence[str]) -> np.ndarray:
