@@ -147,3 +147,15 @@ def push_commit(root: Path, owner: str, name: str, files: Dict[str, str], branch
         build_hub.git(work, "commit", "-q", "-m", "move the branch")
         build_hub.git(work, "push", "-q", "origin", branch)
         return build_hub.git(work, "rev-parse", "HEAD")
+
+
+def expected_state_dict(hub_root, example, tag, name, tmp_path):
+    """The release's weights, read straight from the server's folder (not through flowhub)."""
+    asset = hub_root / "flowhub-examples" / "tiny-models" / "releases" / "download" / tag / example["weights"][tag][name]
+    import zipfile
+
+    import oneflow as flow
+
+    with zipfile.ZipFile(asset) as zf:
+        zf.extractall(tmp_path / "expected")
+    return flow.load(str(tmp_path / "expected" / name))

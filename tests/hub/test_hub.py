@@ -11,18 +11,10 @@ import oneflow as flow
 import pytest
 
 import flowhub
-from conftest import make_repo, run_python
+from conftest import expected_state_dict, make_repo, run_python
 from flowhub.errors import EntrypointError, MissingDependenciesError, OfflineError, ResolveError
 
 REPO = "flowhub-examples/tiny-models"
-
-
-def expected_state_dict(hub_root, example, tag, name, tmp_path):
-    """The release's weights, read straight from the server's folder (not through flowhub)."""
-    asset = hub_root / "flowhub-examples" / "tiny-models" / "releases" / "download" / tag / example["weights"][tag][name]
-    with zipfile.ZipFile(asset) as zf:
-        zf.extractall(tmp_path / "expected")
-    return flow.load(str(tmp_path / "expected" / name))
 
 
 def assert_same_weights(model, state_dict):

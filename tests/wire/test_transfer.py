@@ -539,3 +539,30 @@ def test_unpack_refuses_more_dims_than_numpy_has(nbytes):
 def test_unpack_refuses_empty_entries_numpy_cannot_make(shape):
     with pytest.raises(TransferError):
         transfer.unpack(None, 0, [entry(dtype="float64", shape=shape, nbytes=0)])
+
+
+# -- small payloads inline, in the message body -----------------------------------------------------------
+def test_small_payloads_travel_inline_and_come_back_writable():
+    arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(7, dtype=np.int64), np.zeros(0, np.uint8)]
+    packed = transfer.pack(arrays, inline_max=transfer.INLINE_MAX)
+    assert packed.fd is None and len(packed.inline) == packed.size > 0
+    out = transfer.unpack(None, packed.size, packed.table, inline=packed.inline)
+    for a, b in zip(arrays, out):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    out[0][0, 0] = 99.0  # a private, writable copy
+    assert arrays[0][0, 0] == 0.0
+    big = transfer.pack([np.zeros(transfer.INLINE_MAX + 8, np.uint8)], inline_max=transfer.INLINE_MAX)
+    assert big.fd is not None and big.inline == b""
+    big.close()
+
+
+def test_inline_payloads_are_checked_like_memfds():
+    packed = transfer.pack([np.arange(8, dtype=np.float64)], inline_max=transfer.INLINE_MAX)
+    with pytest.raises(TransferError, match="came inline"):
+        transfer.unpack(None, packed.size, packed.table, inline=packed.inline[:-1])
+    with pytest.raises(TransferError, match="outside"):
+        transfer.unpack(None, 32, [dict(packed.table[0], offset=0, nbytes=64, shape=[8])], inline=b"\0" * 32)
+    huge = transfer.INLINE_MAX + 64
+    with pytest.raises(TransferError, match="came inline"):
+        transfer.unpack(None, huge, [{"dtype": "uint8", "shape": [huge], "offset": 0, "nbytes": huge}],
+                        inline=b"\0" * huge)

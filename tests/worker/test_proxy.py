@@ -313,7 +313,7 @@ def test_hub_proxy_mode_local_and_environment(monkeypatch, tmp_path):
 
 
 def test_hub_proxy_mode_through_the_loopback_server(gh, hub_root, example, tmp_path):
-    from test_hub import expected_state_dict
+    from conftest import expected_state_dict
 
     hub = flowhub.Hub(mode="proxy")
     assert hub.list(f"{REPO}:v0.1", trust_repo=True) == ["tinymlp", "tinynet", "version"]

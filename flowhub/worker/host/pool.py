@@ -351,8 +351,8 @@ class WorkerManager:
                     self._reap(worker, kill=True)  # the hubconf failed to import: start afresh next time
                 raise failures.from_reply(reply, body, context, worker.label)
             return messages.decode_result(reply, body, fds, context, roots)
-        del body  # proxy mode: never looked at, let alone unpickled
-        result = self._proxy_reply(worker, conn, reply, fds, context)
+        # proxy mode: the body is never unpickled, only read as the raw bytes of small tensors
+        result = self._proxy_reply(worker, conn, reply, fds, context, body=body)
         return result, messages.checked_weights(reply.get("weights"), context)
 
     def _exchange(self, worker: WorkerHandle, header: dict, body: bytes, packed: Any, timeout: Optional[float],
@@ -410,7 +410,7 @@ class WorkerManager:
         from flowhub.worker.wire import transfer
 
         worker = conn.worker
-        packed = transfer.pack(arrays, name="flowhub-args")
+        packed = transfer.pack(arrays, name="flowhub-args", inline_max=transfer.INLINE_MAX)
         header.update(mode="proxy", size=packed.size, table=packed.table)
         try:
             with worker.lock:
@@ -419,16 +419,16 @@ class WorkerManager:
                 if releases:
                     header["release"] = releases
                 try:
-                    reply, _, fds = self._exchange(worker, header, b"", packed, conn.timeout, context)
+                    reply, body, fds = self._exchange(worker, header, packed.inline, packed, conn.timeout, context)
                 finally:
                     worker.last_used = self._last_activity = time.monotonic()
                     self._after_call(worker)
-                return self._proxy_reply(worker, conn, reply, fds, context, header.get("op") == "next")
+                return self._proxy_reply(worker, conn, reply, fds, context, header.get("op") == "next", body)
         finally:
             packed.close()
 
     def _proxy_reply(self, worker: WorkerHandle, conn: Any, reply: dict, fds: List[int], context: str,
-                     may_stop: bool = False) -> Any:
+                     may_stop: bool = False, body: bytes = b"") -> Any:
         """Decode a proxy-mode reply (JSON and validated tensors only) or raise the error it reports."""
         if reply.get("ok") is not True:
             from flowhub.worker.wire import failures
@@ -445,7 +445,7 @@ class WorkerManager:
         if may_stop and reply.get("stop") is True:  # next() on an exhausted iterator
             protocol.close_fds(fds)
             raise StopIteration
-        return conn.decode(reply, fds, context)
+        return conn.decode(reply, fds, context, body)
 
     def flush_releases(self, conn: Any) -> None:
         """Send a connection's queued releases now if its worker is idle; never waits (finalizers call this)."""

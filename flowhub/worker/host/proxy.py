@@ -321,8 +321,9 @@ class Connection:
         return {"t": "pickle", "v": base64.b64encode(blob).decode("ascii")}
 
     # -- replies (called by the manager with the worker's lock held) -----------------------------------
-    def decode(self, reply: dict, fds: List[int], context: str) -> Any:
-        """Validate and map the reply's tensors, then rebuild its value (refs become proxies)."""
+    def decode(self, reply: dict, fds: List[int], context: str, body: bytes = b"") -> Any:
+        """Validate and map the reply's tensors (from its memfd, or its body when small), then rebuild its
+        value (refs become proxies)."""
         from flowhub.worker.wire import codec, protocol, transfer
 
         fd = fds.pop(0) if fds else None
@@ -332,7 +333,7 @@ class Connection:
             if type(size) is not int:
                 raise TransferError("the reply's payload size is not an integer")
             # pre-fault large payloads in one madvise; for small ones the extra call costs more than it saves
-            arrays = transfer.unpack(fd, size, reply.get("table", []), populate=size >= 1 << 20)
+            arrays = transfer.unpack(fd, size, reply.get("table", []), populate=size >= 1 << 20, inline=body)
             return codec.Decoder(arrays, self._proxy_for).decode(reply.get("value"))
         except TransferError as exc:
             raise TransferError(f"{context}: {exc}") from None

@@ -66,6 +66,7 @@ from flowhub.worker.wire.messages import EXIT_SANDBOX_WEAK
 
 _WATCH_INTERVAL = 0.1
 
+
 def _sandbox_zygote(home: str) -> ZygoteHandle:
     """A zygote always *spawned*, with the environment a sandboxed worker would get (``HOME`` and
     ``TMPDIR`` in ``home``), which warms the sandbox before it says ready."""
@@ -82,7 +83,6 @@ class _Slot:
     scratch: str
     inbox: str
     limits: Limits
-    downloads: int = 0
 
     def remove(self) -> None:
         for path in (self.scratch, self.inbox):

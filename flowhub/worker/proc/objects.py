@@ -126,7 +126,7 @@ class ObjectServer:
                     encoder = codec.Encoder(lambda obj: self._ref_node(obj, handed))
                     node = encoder.encode(value)
                     del value
-                    packed = transfer.pack(encoder.arrays, name="flowhub-proxy")
+                    packed = transfer.pack(encoder.arrays, name="flowhub-proxy", inline_max=transfer.INLINE_MAX)
                 except Exception as exc:
                     raise self.failure("transfer", TransferError(
                         f"the result cannot be sent back ({type(exc).__name__}: {exc})")) from None
@@ -137,7 +137,7 @@ class ObjectServer:
                 self._send_failure(failure)
                 return
             reply = dict(extra, ok=True, value=node, size=packed.size, table=packed.table)
-            protocol.send_message(self.loop.sock, reply, b"", [packed.fd] if packed.fd is not None else [])
+            protocol.send_message(self.loop.sock, reply, packed.inline, [packed.fd] if packed.fd is not None else [])
         finally:
             protocol.close_fds(fds)
             if packed is not None:
@@ -157,7 +157,7 @@ class ObjectServer:
             return {"objects": len(self.table), "handouts": self.table.handouts()}, {}
         try:
             obj = self.table.get(header.get("ref"))
-            args, kwargs, key = self._arguments(header, fds)
+            args, kwargs, key = self._arguments(header, body, fds)
             name = header.get("name")
             if op in ("getattr", "callmethod") and not isinstance(name, str):
                 raise TransferError("attribute name is not a string")
@@ -199,9 +199,9 @@ class ObjectServer:
         except (Exception, SystemExit, KeyboardInterrupt) as exc:  # hubconf code: reported, never our exit
             raise self.failure("hubconf", exc) from None
 
-    def _arguments(self, header: dict, fds: List[int]) -> Tuple[list, dict, Any]:
+    def _arguments(self, header: dict, body: bytes, fds: List[int]) -> Tuple[list, dict, Any]:
         table = header.get("table") or []
-        arrays = transfer.unpack(fds[0] if fds else None, int(header.get("size", 0)), table)
+        arrays = transfer.unpack(fds[0] if fds else None, int(header.get("size", 0)), table, inline=body)
         fds.clear()
         decoder = codec.Decoder(arrays, lambda node: self.table.get(node.get("r")), allow_pickle=True)
         args = decoder.decode(header.get("args", []))

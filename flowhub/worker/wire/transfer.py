@@ -50,11 +50,13 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 @dataclass
 class Packed:
-    """What :func:`pack` produced: ``fd`` is ``None`` when there are no bytes to send."""
+    """What :func:`pack` produced: the bytes in a sealed memfd ``fd``, or (small payloads, when asked
+    for) in ``inline``, to send as the message body; ``fd`` is ``None`` then, and when there are no bytes."""
 
     fd: Optional[int]
     size: int
     table: List[dict] = field(default_factory=list)
+    inline: bytes = b""
 
     def close(self) -> None:
         if self.fd is not None:
@@ -62,8 +64,14 @@ class Packed:
             self.fd = None
 
 
-def pack(arrays: Sequence[np.ndarray], name: str = "flowhub") -> Packed:
-    """Write ``arrays`` into a new sealed memfd (sender side)."""
+#: A payload up to this size may travel inline, in the message body (``pack(..., inline_max=...)``):
+#: creating, sealing, passing and mapping a memfd costs ~0.2 ms, copying 64 KiB ~10 us.
+INLINE_MAX = 64 << 10
+
+
+def pack(arrays: Sequence[np.ndarray], name: str = "flowhub", inline_max: int = 0) -> Packed:
+    """Write ``arrays`` into a new sealed memfd (sender side), or into ``inline`` bytes when they add up
+    to at most ``inline_max`` bytes."""
     table, flat, offset = [], [], 0
     for arr in arrays:
         if not arr.dtype.isnative:  # the table names no byte order: native it is
@@ -80,6 +88,12 @@ def pack(arrays: Sequence[np.ndarray], name: str = "flowhub") -> Packed:
         for entry in table:
             entry["offset"] = 0
         return Packed(None, 0, table)
+    if offset <= inline_max:
+        buf = bytearray(offset)
+        for entry, raw in zip(table, flat):
+            if raw is not None:
+                buf[entry["offset"]:entry["offset"] + entry["nbytes"]] = raw.tobytes()
+        return Packed(None, offset, table, bytes(buf))
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, offset)
@@ -170,14 +184,22 @@ def check_fd(fd: int, size: int) -> None:
         raise TransferError(f"the transferred memfd holds {actual} bytes, {size} announced")
 
 
-def unpack(fd: Optional[int], size: int, table: object, populate: bool = False) -> List[np.ndarray]:
-    """Validate and map a payload (receiver side). ``fd`` is always closed."""
+def unpack(fd: Optional[int], size: int, table: object, populate: bool = False,
+           inline: bytes = b"") -> List[np.ndarray]:
+    """Validate and map a payload (receiver side); ``inline``: the message body, when the payload came
+    in it (then copied once, into writable memory). ``fd`` is always closed."""
     try:
         entries = validate(table, size)
         if size == 0:
             if fd is not None:
                 check_fd(fd, 0)
             return [np.empty(shape, dtype) for dtype, shape, _, _ in entries]
+        if fd is None and inline:
+            if len(inline) != size or size > INLINE_MAX:
+                raise TransferError(f"{size} bytes announced but {len(inline)} came inline")
+            base = np.frombuffer(bytearray(inline), dtype=np.uint8)
+            return [base[off:off + nbytes].view(dtype).reshape(shape) if nbytes else np.empty(shape, dtype)
+                    for dtype, shape, off, nbytes in entries]
         if fd is None:
             raise TransferError(f"{size} bytes announced but no memfd received")
         check_fd(fd, size)
