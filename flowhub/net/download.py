@@ -126,37 +126,29 @@ class _Transfer:
         return not (self.etag and etag and etag != self.etag)
 
     def pump(self, response: requests.Response) -> None:
-        """Write the body as it arrives, in blocks of up to ``CHUNK_SIZE``.
+        """Write the body as it arrives, each piece into the file's own buffer (``CHUNK_SIZE``, allocated
+        once: growing and freeing a block per chunk costs fresh pages every time).
 
         ``read1`` returns what has arrived (at most one socket read) instead of waiting for a full
-        chunk, so when the connection drops, the bytes received since the last full block are still
-        written, and the resume starts after them. (``iter_content(CHUNK_SIZE)`` loses up to a chunk
-        on every drop: a file smaller than a chunk was never resumed, and a link that drops more often
-        than once per chunk never finished.)
+        chunk, so when the connection drops, every byte received is already counted and written, and
+        the resume starts after them. (``iter_content(CHUNK_SIZE)`` loses up to a chunk on every drop:
+        a file smaller than a chunk was never resumed, and a link that drops more often than once per
+        chunk never finished.)
         """
         with response:
             raw = response.raw
-            block = bytearray()
-            try:
-                while True:
-                    piece = raw.read1(CHUNK_SIZE - len(block), decode_content=True)
-                    if not piece:
-                        break
-                    block += piece
-                    if len(block) >= CHUNK_SIZE:
-                        self._take(block)
-                        block.clear()
-            except _STREAM_ERRORS:
-                self._take(block)  # what arrived before the failure is good: keep it
-                raise
-            self._take(block)
+            while True:
+                piece = raw.read1(CHUNK_SIZE, decode_content=True)
+                if not piece:
+                    break
+                self._take(piece)
 
     def _check_size(self, size: int) -> None:
         if self.max_bytes is not None and size > self.max_bytes:
             raise DownloadTooLargeError(f"Downloading {self.url}: it is over the {self.max_bytes} bytes this "
                                         "download may take; nothing was saved.")
 
-    def _take(self, data: bytearray) -> None:
+    def _take(self, data: bytes) -> None:
         if data:
             self._check_size(self.written + len(data))
             self.out.write(data)
@@ -181,7 +173,7 @@ def download(client: HttpClient, url: str, dst: str, *, hash_prefix: Optional[st
     dst = os.path.abspath(os.path.expanduser(dst))
     tmp = temp_path_for(dst)
     try:
-        with open(tmp, "wb") as out:
+        with open(tmp, "wb", buffering=CHUNK_SIZE) as out:
             transfer = _Transfer(client, url, out, progress, desc or os.path.basename(dst), max_bytes)
             try:
                 _run(transfer)
