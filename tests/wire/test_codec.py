@@ -474,10 +474,6 @@ def test_protocol_and_transfer_import_without_oneflow(import_probe):
     assert import_probe["after_protocol_transfer"] is False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "flowhub/worker/wire/codec.py does `import oneflow as flow` at module level (for flow.Tensor, "
-    "flow.device, flow.dtype, flow.from_numpy), so importing the wire layer pulls oneflow in "
-    "(~2 s, ~270 MB RSS); protocol and transfer alone do not (test above)."))
 def test_wire_modules_import_without_oneflow(import_probe):
     assert "codec_error" not in import_probe
     assert import_probe["after_codec"] is False

@@ -68,7 +68,7 @@ def call(mgr, repo, op="load", model=None, *args, key=None, **kwargs):
 
 def stray_children(*managers):
     """Live descendants of this process that no manager accounts for."""
-    known = {pid for m in managers for pid in m.active_pids()}
+    known = {pid for m in managers + (get_manager(),) for pid in m.active_pids()}  # the process-wide one too
     return [p.pid for p in psutil.Process().children(recursive=True)
             if p.pid not in known and p.status() != psutil.STATUS_ZOMBIE]
 

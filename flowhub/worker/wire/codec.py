@@ -30,10 +30,10 @@ import base64
 import collections
 import pickle
 import re
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-import oneflow as flow
 
 from flowhub.errors import TransferError
 from flowhub.worker.wire import transfer
@@ -47,9 +47,22 @@ _DTYPES: Optional[Dict[str, Any]] = None
 _DEVICE = re.compile(r"[a-z]{1,16}(:[0-9]{1,4})?\Z")
 
 
+def _oneflow() -> Any:
+    """oneflow if this process has imported it, else None: then no value can be a oneflow object, and
+    the codec never imports it itself for values it encodes (the caller may not need oneflow at all)."""
+    return sys.modules.get("oneflow")
+
+
+def _import_oneflow() -> Any:
+    import oneflow  # delayed: decoding a tensor, device or dtype node means this process wants oneflow
+
+    return oneflow
+
+
 def _dtype_names() -> Dict[str, Any]:
     global _DTYPES
     if _DTYPES is None:
+        flow = _import_oneflow()
         _DTYPES = {repr(v).replace("oneflow.", ""): v for v in vars(flow).values() if isinstance(v, flow.dtype)}
     return _DTYPES
 
@@ -80,7 +93,8 @@ class Encoder:
         kind = type(value)
         if kind in _SCALARS:
             return value
-        if isinstance(value, flow.Tensor) and not value.is_global:
+        flow = _oneflow()
+        if flow is not None and isinstance(value, flow.Tensor) and not value.is_global:
             return self._tensor(value)
         if isinstance(value, np.ndarray) and value.dtype.name in transfer.DTYPES:
             return self._array(value)
@@ -88,9 +102,9 @@ class Encoder:
             return value.item()
         if kind is bytes:
             return {"t": "bytes", "v": base64.b64encode(value).decode("ascii")}
-        if isinstance(value, flow.device):
+        if flow is not None and isinstance(value, flow.device):
             return {"t": "device", "v": str(value)}
-        if isinstance(value, flow.dtype):
+        if flow is not None and isinstance(value, flow.dtype):
             return {"t": "dtype", "v": repr(value).replace("oneflow.", "")}
         if kind is slice:
             parts = (value.start, value.stop, value.step)
@@ -98,7 +112,7 @@ class Encoder:
                 return {"t": "slice", "v": list(parts)}
         if value is Ellipsis:
             return {"t": "ellipsis"}
-        if kind in (list, tuple, dict, collections.OrderedDict) or isinstance(value, flow.Size):
+        if kind in (list, tuple, dict, collections.OrderedDict) or (flow is not None and isinstance(value, flow.Size)):
             if depth >= MAX_DEPTH or id(value) in self._path:
                 return self.other(value)
             self._path.add(id(value))
@@ -131,6 +145,7 @@ class Encoder:
         if data.device.type != "cpu":
             data = data.cpu()
         node = {"t": "tensor", "i": len(self.arrays)}
+        flow = _oneflow()  # imported: this is one of its tensors
         if data.dtype == flow.bfloat16:  # no numpy dtype: crosses as fp32, cast back on arrival
             node["c"] = "bfloat16"
             data = data.to(flow.float32)
@@ -204,7 +219,7 @@ class Decoder:
             name = _str(node, "v", 32)
             if not _DEVICE.match(name):
                 raise TransferError(f"bad device name {name!r}")
-            return flow.device(name)
+            return _import_oneflow().device(name)
         if tag == "dtype":
             name = _str(node, "v")
             if name not in _dtype_names():
@@ -235,6 +250,7 @@ class Decoder:
             if tag == "ndarray":
                 made = array
             else:
+                flow = _import_oneflow()
                 made = flow.from_numpy(array)  # zero-copy on the private mapping of the memfd
                 if cast:
                     made = made.to(flow.bfloat16)
