@@ -73,7 +73,7 @@ def load_state_dict_from_url(url: str, model_dir: Optional[str] = None, map_loca
 def load_weights(path: PathLike, map_location: Any = None, weights_only: bool = True) -> Any:
     """Load a local checkpoint; by default weights-only, in a sandboxed worker (see :meth:`Hub.load_weights`)."""
     ctx = context.current()
-    hub = Hub(**_call_overrides(ctx.settings)) if ctx is not None else default_hub()
+    hub = Hub(**ctx.settings.to_wire()) if ctx is not None else default_hub()  # a running call's settings
     return hub.load_weights(path, map_location=map_location, weights_only=weights_only)
 
 
@@ -82,10 +82,3 @@ def _deprecated_env_warnings() -> None:
 
     for name in settings_mod.deprecated_variables():
         warnings.warn(f"{name} is deprecated, please use env ONEFLOW_HOME instead")
-
-
-def _call_overrides(settings: settings_mod.Settings) -> Dict[str, Any]:
-    """``Hub`` arguments that reproduce a running call's settings."""
-    values = settings.to_wire()
-    values["mode"] = "inprocess"
-    return values

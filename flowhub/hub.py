@@ -197,7 +197,7 @@ class Hub:
 
         return get_manager().call(repo_dir=repo_dir, key=key, op=op, model=model,
                                   args=tuple(args), kwargs=dict(kwargs or {}), mode=mode, sandbox=settings.sandbox,
-                                  settings=context.CallSettings(settings, refresh_weights, expected).to_wire(),
+                                  settings=context.CallSettings(settings, refresh_weights, expected),
                                   timeout=settings.worker_timeout, label=label, mock_torch=self.mock_torch,
                                   weights=weights)
 

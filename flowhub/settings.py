@@ -210,33 +210,13 @@ SANDBOX_MAX_EXTRACT_RATIO = 100
 ENV_SANDBOX_ALLOWED_HOSTS = "FLOWHUB_SANDBOX_ALLOWED_HOSTS"
 
 
-
-
-def _env_size_text(text: str, name: str) -> int:
-    """``"2G"``, ``"512M"``, ``"1.5GiB"`` or a number of bytes, for the variable ``name``."""
-    try:
-        size = units.parse_size(text)
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise ValueError(f"{name}={text!r} is not a size like 4G or 512M")
-    return size
-
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 16 << 30
-
-
-def _positive(env: Dict[str, str], name: str, default: float, kind: type = int) -> Any:
+def _positive(env: Dict[str, str], name: str, default: int) -> int:
+    """``name`` as a positive whole number, else ``default``."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = kind(raw)
+        value = int(raw)
     except ValueError:
         value = 0
     if value <= 0:
@@ -245,8 +225,17 @@ def _positive(env: Dict[str, str], name: str, default: float, kind: type = int) 
 
 
 def _size(env: Dict[str, str], name: str, default: int) -> int:
+    """``name`` as a size (``"2G"``, ``"512M"``, ``"1.5GiB"`` or bytes), else ``default``."""
     raw = env.get(name, "").strip()
-    return _env_size_text(raw, name) if raw else default
+    if not raw:
+        return default
+    try:
+        size = units.parse_size(raw)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ValueError(f"{name}={raw!r} is not a size like 4G or 512M")
+    return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +263,7 @@ class SandboxLimits:
                    max_processes=_positive(env, ENV_SANDBOX_MAX_PROCESSES, SANDBOX_DEFAULT_MAX_PROCESSES),
                    min_strength=strength,
                    max_cpu=_positive(env, ENV_SANDBOX_MAX_CPU, SANDBOX_DEFAULT_MAX_CPU),
-                   timeout=_positive(env, ENV_SANDBOX_TIMEOUT, SANDBOX_DEFAULT_TIMEOUT, float),
+                   timeout=_env_float(env, ENV_SANDBOX_TIMEOUT, SANDBOX_DEFAULT_TIMEOUT),
                    max_scratch=_size(env, ENV_SANDBOX_MAX_SCRATCH, SANDBOX_DEFAULT_MAX_SCRATCH),
                    max_downloads=_positive(env, ENV_SANDBOX_MAX_DOWNLOADS, SANDBOX_DEFAULT_MAX_DOWNLOADS),
                    max_download_bytes=_size(env, ENV_SANDBOX_MAX_DOWNLOAD_BYTES, SANDBOX_DEFAULT_MAX_DOWNLOAD_BYTES),

@@ -133,7 +133,7 @@ def bench_workers(rounds: int) -> bool:
             with open(os.path.join(repo, "hubconf.py"), "w") as f:
                 f.write("import oneflow as flow\ndependencies = ['oneflow']\n\n"
                         "def tiny():\n    return flow.nn.Linear(4, 2)\n")
-            settings = CallSettings(Settings(hub_dir=os.path.join(tmp, "hub"))).to_wire()
+            settings = CallSettings(Settings(hub_dir=os.path.join(tmp, "hub")))
             count = [0]
 
             def first_call(boxed: bool) -> float:

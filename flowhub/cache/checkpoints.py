@@ -15,6 +15,7 @@ error page or a truncated zip is refused with what was received, and nothing is 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -389,7 +390,8 @@ def load_checkpoint(path: str, map_location: Any = None, lock_timeout: float = 6
                 "Load it with weights_only=True (in a sandboxed worker), or save it as a OneFlow checkpoint "
                 "(oneflow.save) and zip that folder.")
     roots = [os.path.dirname(os.path.dirname(os.path.realpath(path)))]  # the checkpoints folder holding it
-    with mapping.mapped_loads(roots if _published(path) else []):  # a published entry: map, do not copy
+    # a published entry is mapped, not copied; anything else is loaded by oneflow as it is
+    with mapping.mapped_loads(roots) if _published(path) else contextlib.nullcontext():
         if map_location is None or isinstance(map_location, (str, flow.device, flow.placement)):
             return flow.load(path, map_location=map_location)
         return remap(flow.load(path, map_location="cpu"), map_location)

@@ -18,6 +18,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, List, NamedTuple, Sequence, Tuple
 
+from flowhub.cache.store import inside
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -35,12 +37,6 @@ class LoadedFile(NamedTuple):
     dtype: str  # numpy dtype name
     shape: Tuple[int, ...]
     nbytes: int
-
-
-def inside(path: str, roots: Sequence[str]) -> bool:
-    """True if ``path`` (resolved) lies under one of ``roots`` (resolved)."""
-    real = os.path.realpath(path)
-    return any(real.startswith(os.path.realpath(root).rstrip(os.sep) + os.sep) for root in roots if root)
 
 
 def map_file(path: str, dtype: Any, shape: Tuple[int, ...], offset: int = 0) -> "np.ndarray":
@@ -80,10 +76,14 @@ def _mapping_loader(original, roots: Tuple[str, ...]):
     from oneflow.framework import check_point_v2 as cp
     from oneflow.framework import dtype as dtype_util
 
+    def to_cpu(map_location) -> bool:
+        if map_location is None:
+            return True
+        return isinstance(map_location, (str, flow.device)) and flow.device(map_location).type == "cpu"
+
     def load_single_variable(path, global_src_rank=None, map_location=None):
-        if global_src_rank is not None or path is None or not inside(path, roots) or (
-                map_location is not None and flow.device(map_location).type != "cpu"
-                if isinstance(map_location, (str, flow.device)) else map_location is not None):
+        # a global (distributed) load, a file outside the cache, or another device: oneflow's own way
+        if global_src_rank is not None or path is None or not inside(path, roots) or not to_cpu(map_location):
             return original(path, global_src_rank, map_location)
         blob = cp.FileBackendVariableBlob(path)
         dtype = np.dtype(dtype_util.convert_oneflow_dtype_to_numpy_dtype(blob.dtype))

@@ -14,7 +14,7 @@ import os
 import shutil
 import uuid
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import filelock
 
@@ -141,3 +141,9 @@ def find_case_insensitive(parent: str, name: str) -> Optional[str]:
         if entry.lower() == lowered:
             return os.path.join(parent, entry)
     return None
+
+
+def inside(path: str, roots: Sequence[str]) -> bool:
+    """True if ``path`` (resolved) lies under one of ``roots`` (resolved)."""
+    real = os.path.realpath(path)
+    return any(real.startswith(os.path.realpath(root).rstrip(os.sep) + os.sep) for root in roots if root)

@@ -200,7 +200,7 @@ def test_caller_settings_are_adopted_in_the_worker(mgr, tmp_path):
     from flowhub.context import CallSettings
     from flowhub.settings import resolve
 
-    settings = CallSettings(resolve({"hub_dir": str(tmp_path / "hub"), "mode": "rebuild"})).to_wire()
+    settings = CallSettings(resolve({"hub_dir": str(tmp_path / "hub"), "mode": "rebuild"}))
     got = mgr.call(repo_dir=V1, key=f"test:{V1}", op="load", model="hub_dir", settings=settings)
     assert got == str(tmp_path / "hub")
 

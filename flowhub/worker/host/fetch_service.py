@@ -16,11 +16,11 @@ import dataclasses
 import os
 import warnings
 import zipfile
-from typing import Any, List
+from typing import Any, Dict, List, Tuple
 from urllib.parse import urlsplit
 
 from flowhub import units
-from flowhub.cache import checkpoints
+from flowhub.cache import checkpoints, store
 from flowhub.cache.archive import check_expansion
 from flowhub.cache.checkpoints import SANDBOXED_DIR
 from flowhub.cache.provenance import check_weight
@@ -97,72 +97,76 @@ def _plain_name(name: Any, what: str) -> str:
     return name
 
 
-def _inside(path: str, folder: str) -> bool:
-    real, root = os.path.realpath(path), os.path.realpath(folder)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def fetch(header: dict, values: dict, state: dict, inbox: str, limits: SandboxLimits) -> dict:
-    """Make one download a sandboxed worker asked for (see the module docstring); ``state`` lives as
-long as the call, ``inbox`` is the worker's read-only folder for plain downloads."""
+def fetch(header: dict, call: CallSettings, state: dict, inbox: str, limits: SandboxLimits) -> dict:
+    """Make one download a sandboxed worker asked for during a call made with ``call`` (see the module
+    docstring); ``state`` lives as long as the call, ``inbox`` is the worker's read-only folder for plain
+    downloads."""
     url = header.get("url")
     if not isinstance(url, str) or len(url) > 16384 or urlsplit(url).scheme not in ("http", "https"):
         raise ValueError(f"a sandboxed worker may have http(s) URLs fetched, not {str(url)!r:.200}")
-    call = CallSettings.from_wire(values)
     settings = dataclasses.replace(call.settings, github_token=None)
     check_allowed_host(url, settings)
     client = HttpClient(settings, allow_url=lambda hop: check_allowed_host(hop, settings))
     quota = _Quota.of(state, limits)
     quota.take_file(url)
     progress = header.get("progress") is not False
-    expected = call.expected_weights or {}
     if header.get("kind") == "weights":
-        shared = os.path.join(settings.hub_dir, "checkpoints")
-        requested = header.get("model_dir")
-        if requested is not None and (not isinstance(requested, str)
-                                      or os.path.realpath(requested) != os.path.realpath(shared)):
-            warnings.warn(f"flowhub: a sandboxed hubconf asked for weights in {str(requested)!r:.200}; "
-                          f"sandboxed downloads are cached in {os.path.join(shared, SANDBOXED_DIR)}.",
-                          stacklevel=2)
-        name = _plain_name(header.get("file_name") or os.path.basename(urlsplit(url).path), "the weight file name")
-        if name.startswith(".") or name.endswith(checkpoints.EXTRACTED_SUFFIX):
-            raise ValueError(f"the weight file name {name!r:.80} is reserved")
-        if not call.refresh_weights and checkpoints.cached_file_ok(shared, name):
-            folder = shared  # cached by a trusted load: shared, read-only (the reference's by-name cache)
-            cached = os.path.join(shared, name)
-        else:  # never where a trusted load would look: no planting a file it would unpickle
-            folder = os.path.join(shared, SANDBOXED_DIR)
-            refreshed = state.setdefault("refreshed", set())
-
-            def refresh(path: str) -> bool:
-                if not call.refresh_weights or path in refreshed:
-                    return False
-                refreshed.add(path)
-                return True
-
-            cached = checkpoints.fetch_weights(client, url, folder, progress=progress,
-                                               check_hash=header.get("check_hash") is True, file_name=name,
-                                               refresh=refresh, max_bytes=quota.left())
-        if not _inside(cached, settings.hub_dir):
-            raise ValueError(f"refusing to hand {cached} to a sandboxed worker: it is outside the hub folder")
-        quota.take_bytes(os.path.getsize(cached), url)
-        if zipfile.is_zipfile(cached):  # the worker cannot write the extracted folder itself
-            with zipfile.ZipFile(cached) as zf:  # a zip bomb is refused before a byte is written
-                expands = check_expansion(zf.infolist(), cached, quota.left(), SANDBOX_MAX_EXTRACT_RATIO)
-            quota.take_bytes(expands, url)
-            checkpoints.extracted_checkpoint(cached, settings.lock_timeout)
-        fingerprint = checkpoints.fingerprint(folder, os.path.basename(cached), url)
-        path = cached
+        path, fingerprint = _weights(client, header, url, call, state, quota, progress)
     else:
-        prefix = header.get("hash_prefix")
-        if prefix is not None and not isinstance(prefix, str):
-            raise ValueError("hash_prefix must be a string")
-        name = os.path.basename(urlsplit(url).path)
-        name = name if name not in ("", ".", "..") and len(name) <= 200 else "download"
-        target = os.path.join(inbox, f"{os.urandom(6).hex()}-{name}")
-        result = download(client, url, target, hash_prefix=prefix, progress=progress, max_bytes=quota.left())
-        quota.take_bytes(result.size, url)
-        fingerprint = {"url": url, "file": name, "size": result.size, "sha256": result.sha256}
-        path = result.path
-    check_weight(url, fingerprint.get("sha256"), fingerprint.get("size"), expected.get(url))
+        path, fingerprint = _file(client, header, url, inbox, quota, progress)
+    check_weight(url, fingerprint.get("sha256"), fingerprint.get("size"), (call.expected_weights or {}).get(url))
     return {"path": path, "fingerprint": fingerprint}
+
+
+def _weights(client: HttpClient, header: dict, url: str, call: CallSettings, state: dict, quota: _Quota,
+             progress: bool) -> Tuple[str, Dict[str, Any]]:
+    """A checkpoint: shared if a trusted load cached it, else fetched into ``.sandboxed/``; extracted here."""
+    settings = client.settings
+    shared = os.path.join(settings.hub_dir, "checkpoints")
+    requested = header.get("model_dir")
+    if requested is not None and (not isinstance(requested, str)
+                                  or os.path.realpath(requested) != os.path.realpath(shared)):
+        warnings.warn(f"flowhub: a sandboxed hubconf asked for weights in {str(requested)!r:.200}; "
+                      f"sandboxed downloads are cached in {os.path.join(shared, SANDBOXED_DIR)}.", stacklevel=3)
+    name = _plain_name(header.get("file_name") or os.path.basename(urlsplit(url).path), "the weight file name")
+    if name.startswith(".") or name.endswith(checkpoints.EXTRACTED_SUFFIX):
+        raise ValueError(f"the weight file name {name!r:.80} is reserved")
+    if not call.refresh_weights and checkpoints.cached_file_ok(shared, name):
+        folder = shared  # cached by a trusted load: shared, read-only (the reference's by-name cache)
+        cached = os.path.join(shared, name)
+    else:  # never where a trusted load would look: no planting a file it would unpickle
+        folder = os.path.join(shared, SANDBOXED_DIR)
+        refreshed = state.setdefault("refreshed", set())
+
+        def refresh(path: str) -> bool:
+            if not call.refresh_weights or path in refreshed:
+                return False
+            refreshed.add(path)
+            return True
+
+        cached = checkpoints.fetch_weights(client, url, folder, progress=progress,
+                                           check_hash=header.get("check_hash") is True, file_name=name,
+                                           refresh=refresh, max_bytes=quota.left())
+    if not store.inside(cached, [settings.hub_dir]):
+        raise ValueError(f"refusing to hand {cached} to a sandboxed worker: it is outside the hub folder")
+    quota.take_bytes(os.path.getsize(cached), url)
+    if zipfile.is_zipfile(cached):  # the worker cannot write the extracted folder itself
+        with zipfile.ZipFile(cached) as zf:  # a zip bomb is refused before a byte is written
+            expands = check_expansion(zf.infolist(), cached, quota.left(), SANDBOX_MAX_EXTRACT_RATIO)
+        quota.take_bytes(expands, url)
+        checkpoints.extracted_checkpoint(cached, settings.lock_timeout)
+    return cached, checkpoints.fingerprint(folder, os.path.basename(cached), url)
+
+
+def _file(client: HttpClient, header: dict, url: str, inbox: str, quota: _Quota,
+          progress: bool) -> Tuple[str, Dict[str, Any]]:
+    """``download_url_to_file``: into the worker's inbox, which it may read (it copies the file on)."""
+    prefix = header.get("hash_prefix")
+    if prefix is not None and not isinstance(prefix, str):
+        raise ValueError("hash_prefix must be a string")
+    name = os.path.basename(urlsplit(url).path)
+    name = name if name not in ("", ".", "..") and len(name) <= 200 else "download"
+    target = os.path.join(inbox, f"{os.urandom(6).hex()}-{name}")
+    result = download(client, url, target, hash_prefix=prefix, progress=progress, max_bytes=quota.left())
+    quota.take_bytes(result.size, url)
+    return result.path, {"url": url, "file": name, "size": result.size, "sha256": result.sha256}

@@ -33,7 +33,7 @@ class WorkerHandle:
         self.gen = 0  # +1 per process forked for this worker; a proxy belongs to one generation
         self.ended: Dict[int, str] = {}  # generation -> how its process ended (for stale proxies)
         self.conn: Any = None  # proxy.Connection of the current generation, once a proxy-mode call made one
-        self.settings: Optional[dict] = None  # the last call's settings: a sandboxed worker's downloads use them
+        self.settings: Any = None  # the last call's settings: a sandboxed worker's downloads use them
 
     def pinned(self) -> bool:
         """The caller holds proxies of objects in this process: do not reap or evict it."""

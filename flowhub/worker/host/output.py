@@ -10,6 +10,7 @@ the rest is read and dropped, with one line saying how much.
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import sys
 import threading
@@ -17,14 +18,13 @@ from typing import Dict, Optional, Tuple
 
 _READ = 1 << 16
 _MAX_LINE = 4096
-#: Bytes a control character (other than tab and newline) is shown as: ``\x1b``.
-_ESCAPES = {c: f"\\x{c:02x}" for c in list(range(32)) + [127] if c not in (9, 10)}
+#: Control characters but tab and newline, C1 controls too: shown escaped (``\x1b``), never sent raw.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def sanitise(text: str) -> str:
     """``text`` with every control character except tab and newline (C1 controls too) escaped."""
-    return "".join(_ESCAPES.get(ord(ch), ch) if ord(ch) < 32 or ord(ch) == 127 else
-                   (f"\\x{ord(ch):02x}" if 0x80 <= ord(ch) < 0xA0 else ch) for ch in text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class _Stream:

@@ -19,10 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from flowhub import settings as settings_mod
 from flowhub.context import CallSettings
 from flowhub.errors import TransferError, WorkerCrashedError, WorkerError, WorkerTimeoutError
-from flowhub.worker.wire import protocol
 from flowhub.worker.host.handle import WorkerHandle, WorkerKey, describe_call, hubconf_stamp
 from flowhub.worker.host.launch import ZygoteHandle, describe_status, worker_sys_path
-from flowhub.worker.wire import failures, messages
+from flowhub.worker.wire import failures, messages, protocol
 from flowhub.worker.wire.messages import OPS
 
 ISOLATED_MODES = ("rebuild", "proxy")
@@ -44,7 +43,7 @@ class WorkerManager:
         self._owner = os.getpid()
         self._lock = threading.Lock()
         self._zygote = ZygoteHandle(zygote_start)
-        self._sandbox: Optional[Any] = None  # sandbox_host.SandboxHost, made by the first sandboxed call
+        self._sandbox: Optional[Any] = None  # sandbox.SandboxHost, made by the first sandboxed call
         self._workers: Dict[WorkerKey, WorkerHandle] = {}
         self._reaper: Optional[threading.Thread] = None
         self._wake = threading.Condition(self._lock)
@@ -52,7 +51,7 @@ class WorkerManager:
 
     # -- public -----------------------------------------------------------------------------------
     def call(self, *, repo_dir: str, key: str, op: str, model: Optional[str] = None, args: tuple = (),
-             kwargs: Optional[dict] = None, mode: str = "rebuild", settings: Optional[dict] = None,
+             kwargs: Optional[dict] = None, mode: str = "rebuild", settings: Optional[CallSettings] = None,
              timeout: Optional[float] = None, label: str = "", mock_torch: bool = False,
              weights: Optional[list] = None, sandbox: bool = False) -> Any:
         """Run ``op`` (``list``, ``help`` or ``load``) in the worker of ``key`` and return its result.
@@ -62,10 +61,10 @@ class WorkerManager:
         ``mode="proxy"``: the result stays in the worker; plain values, tensors and proxies come back
         (see :mod:`flowhub.worker.host.proxy`).
 
-        ``settings`` is a :class:`flowhub.context.CallSettings` in its wire form (``None``: the worker
-        uses its own environment). ``args``/``kwargs``/``settings`` are sent by value (cloudpickle; tensors and numpy buffers
-        through a sealed memfd, like results). ``timeout`` (seconds, ``None`` = no limit; default
-        ``settings["worker_timeout"]``, or ``$FLOWHUB_WORKER_TIMEOUT`` without settings) bounds the
+        ``settings``: the caller's, for this call (``None``: those of the environment, read now); they
+        travel in their wire form. ``args``/``kwargs`` are sent by value (cloudpickle; tensors and numpy
+        buffers through a sealed memfd, like results). ``timeout`` (seconds, ``None`` = no limit; default
+        the settings' ``worker_timeout``, ``FLOWHUB_SANDBOX_TIMEOUT`` when sandboxed) bounds the
         call once its worker runs. A worker whose ``hubconf.py`` changed on disk since it imported it
         is replaced (the reference re-imports hubconf.py on every call).
 
@@ -77,13 +76,12 @@ class WorkerManager:
             raise ValueError(f"unknown hub operation {op!r}; expected one of {', '.join(OPS)}")
         if mode not in ISOLATED_MODES:
             raise ValueError(f"WorkerManager runs isolated modes only ({', '.join(ISOLATED_MODES)}), not {mode!r}")
-        call_settings = (CallSettings.from_wire(settings).settings if settings is not None
-                         else settings_mod.resolve({}))
+        call = settings if settings is not None else CallSettings(settings_mod.resolve({}))
         if timeout is None:
-            timeout = call_settings.worker_timeout
+            timeout = call.settings.worker_timeout
         sandbox_hub = None
         if sandbox:
-            sandbox_hub = os.path.realpath(call_settings.hub_dir)
+            sandbox_hub = os.path.realpath(call.settings.hub_dir)
             if timeout is None:  # a sandboxed call never waits for ever (FLOWHUB_SANDBOX_TIMEOUT)
                 timeout = settings_mod.SandboxLimits.from_env().timeout
             self.sandbox_host().prewarm()
@@ -94,16 +92,16 @@ class WorkerManager:
         label = label or key
         context = describe_call(op, model, label)
         try:
-            request = byvalue.encode((settings, tuple(args), dict(kwargs or {}), byvalue.rng_state()))
+            request = byvalue.encode((call.to_wire(), tuple(args), dict(kwargs or {}), byvalue.rng_state()))
         except Exception as exc:
             raise TransferError(f"{context}: the arguments cannot be sent to the worker by value "
                                 f"({type(exc).__name__}: {exc})") from None
         repo_dir = os.path.abspath(repo_dir)
         worker = self._acquire(WorkerKey(key, os.path.realpath(repo_dir), bool(mock_torch), sandbox_hub), repo_dir,
                                mock_torch, label)
-        worker.settings = settings  # for the requests a sandboxed worker makes during the call
+        worker.settings = call  # for the requests a sandboxed worker makes during the call
         try:
-            result, used = self._call(worker, op, model, request, timeout, context, mode, [call_settings.hub_dir])
+            result, used = self._call(worker, op, model, request, timeout, context, mode, [call.settings.hub_dir])
             if weights is not None:
                 weights.extend(used)
             return result

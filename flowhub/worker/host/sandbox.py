@@ -291,7 +291,7 @@ class SandboxHost:
         return None
 
     # -- requests from a worker -----------------------------------------------------------------------
-    def answer(self, sock: socket.socket, pid: Optional[int], header: dict, settings: Optional[dict],
+    def answer(self, sock: socket.socket, pid: Optional[int], header: dict, settings: Any,
                state: dict) -> None:
         """Answer one request a sandboxed worker sent during a call (``state`` lives as long as the call).
 
@@ -305,7 +305,7 @@ class SandboxHost:
             raise protocol.ProtocolError(f"unexpected request {str(header.get('request'))!r:.40} "
                                          f"({str(header.get('kind'))!r:.40}) from a worker")
         try:
-            reply = fetch_service.fetch(header, settings or {}, state, slot.inbox, Limits.from_env())  # read per call
+            reply = fetch_service.fetch(header, settings, state, slot.inbox, Limits.from_env())  # read per call
             reply["ok"] = True
         except Exception as exc:
             cls = type(exc)

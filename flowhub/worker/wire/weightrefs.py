@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from flowhub.cache import mapping
+from flowhub.cache import mapping, store
 from flowhub.errors import TransferError
 from flowhub.worker.wire import transfer
 
@@ -25,6 +25,8 @@ from flowhub.worker.wire import transfer
 def match(arrays: Sequence[np.ndarray], meta: Sequence[dict],
           loaded: Sequence[mapping.LoadedFile]) -> List[Optional[dict]]:
     """Per array: ``{"file": path, "offset": 0}`` if it is a tensor equal to one of ``loaded``, else None."""
+    if not loaded:
+        return [None] * len(arrays)
     # candidates by (dtype, shape, a sample of their bytes): one full comparison per match, however many
     # tensors share a shape (a model's layers usually do)
     candidates: Dict[Tuple[str, Tuple[int, ...], bytes], List[mapping.LoadedFile]] = {}
@@ -88,7 +90,7 @@ def open_reference(entry: dict, roots: Sequence[str]) -> np.ndarray:
         count *= dim
     if count * dtype.itemsize != nbytes or offset % dtype.itemsize:
         raise TransferError(f"file reference {path!r:.200}: shape {shape} does not make {nbytes} bytes")
-    if not mapping.inside(path, roots):
+    if not store.inside(path, roots):
         raise TransferError(f"file reference {path!r:.200} is outside the hub cache")
     try:
         st = os.stat(path)
