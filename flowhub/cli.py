@@ -217,7 +217,10 @@ def doctor_info(hub_dir: Optional[str] = None) -> Dict[str, Any]:
     # the very policy a sandboxed worker gets (limits included), applied in a throwaway child
     options = worker_limits.policy_options() if worker_limits is not None else {}
     report = sandbox.probe(sandbox.SandboxPolicy.for_worker(settings.hub_dir, "/nonexistent-scratch", **options))
-    return {"flowhub": __version__, "python": platform.python_version(), "executable": sys.executable,
+    from flowhub.worker.host import service
+
+    zygote = service.zygote_report()
+    return {"zygote": zygote, "zygote_report": service.describe_report(zygote), "flowhub": __version__, "python": platform.python_version(), "executable": sys.executable,
             "oneflow": oneflow_version(), "platform": platform.platform(), "uid": os.getuid(),
             "hub_dir": settings.hub_dir, "mode": settings.mode, "sandbox_enabled": settings.sandbox,
             "sandbox_limits": limits, "sandbox": report.as_dict(), "report": sandbox.format_report(report)}
@@ -227,11 +230,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     info = doctor_info(args.hub_dir)
     if args.json:
         info.pop("report")
+        info.pop("zygote_report")
         print(json.dumps(info, indent=1))
         return 0
     for key in ("flowhub", "python", "executable", "oneflow", "platform", "uid", "hub_dir", "mode",
                 "sandbox_enabled"):
         print(f"{key + ':':<17} {info[key]}")
+    print(info["zygote_report"])
     limits = info["sandbox_limits"]
     if isinstance(limits, dict):
         print("sandbox limits (per worker; value, then how it is enforced):")

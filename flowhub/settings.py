@@ -312,3 +312,58 @@ def deprecated_variables(env: Optional[Mapping[str, str]] = None) -> List[str]:
     """The reference's deprecated hub variables that are set (``ONEFLOW_HUB``, ``ONEFLOW_MODEL_ZOO``)."""
     env = os.environ if env is None else env
     return [name for name in ("ONEFLOW_HUB", "ONEFLOW_MODEL_ZOO") if env.get(name)]
+
+
+ENV_ZYGOTE = "FLOWHUB_ZYGOTE"
+ENV_ZYGOTE_IDLE_TIMEOUT = "FLOWHUB_ZYGOTE_IDLE_TIMEOUT"
+ENV_RUNTIME_DIR = "FLOWHUB_RUNTIME_DIR"
+ZYGOTE_KINDS = ("shared", "process")
+DEFAULT_ZYGOTE_IDLE_TIMEOUT = 300.0
+#: Variables a zygote service is started with and keyed by (they change what its imports do);
+#: every other variable reaches a worker in its fork request, never the service.
+SERVICE_ENV_PREFIXES = ("ONEFLOW_", "GLOG_", "OMP_", "MKL_", "OPENBLAS_", "CUDA_", "NCCL_", "LD_", "PYTHON")
+SERVICE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ")
+#: Not part of a service's identity: the hub's folder (read per call) and what ``import oneflow`` sets
+#: in every process itself (so a caller that imported oneflow finds the same service as one that did not).
+SERVICE_ENV_IGNORED = (ENV_ONEFLOW_HOME, "ONEFLOW_HUB", "ONEFLOW_MODEL_ZOO", "CUDA_MODULE_LOADING")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZygoteSettings:
+    """Where workers are forked from: one warm zygote service per user and environment (``shared``,
+    the default) or a zygote of this process's own (``process``)."""
+
+    kind: str
+    idle_timeout: float
+    runtime_dir: str
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "ZygoteSettings":
+        env = os.environ if env is None else env
+        kind = (env.get(ENV_ZYGOTE) or "shared").strip().lower()
+        if kind not in ZYGOTE_KINDS:
+            raise ValueError(f"{ENV_ZYGOTE}={kind!r}: use 'shared' (one warm zygote service per user and "
+                             f"environment) or 'process' (a zygote per process).")
+        idle = _env_float(env, ENV_ZYGOTE_IDLE_TIMEOUT, DEFAULT_ZYGOTE_IDLE_TIMEOUT)
+        if idle is None or not math.isfinite(idle) or idle <= 0:
+            raise ValueError(f"{ENV_ZYGOTE_IDLE_TIMEOUT}={env.get(ENV_ZYGOTE_IDLE_TIMEOUT)!r} is not a positive "
+                             f"number of seconds (how long an unused zygote service stays up), e.g. 300.")
+        return cls(kind=kind, idle_timeout=idle, runtime_dir=runtime_dir(env))
+
+    def service_environ(self, env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+        """The environment a zygote service starts with: the variables that shape imports, no secrets."""
+        env = os.environ if env is None else env
+        return {k: v for k, v in env.items()
+                if (k.startswith(SERVICE_ENV_PREFIXES) or k in SERVICE_ENV_NAMES) and k not in SERVICE_ENV_IGNORED}
+
+
+def runtime_dir(env: Optional[Mapping[str, str]] = None) -> str:
+    """``FLOWHUB_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/flowhub``, else ``/tmp/flowhub-<uid>``: where the
+    zygote services' sockets live (a folder only this user may enter)."""
+    env = os.environ if env is None else env
+    if env.get(ENV_RUNTIME_DIR):
+        return os.path.abspath(os.path.expanduser(env[ENV_RUNTIME_DIR]))
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg):
+        return os.path.join(xdg, "flowhub")
+    return os.path.join("/tmp", f"flowhub-{os.getuid()}")

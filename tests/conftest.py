@@ -25,6 +25,33 @@ _FLOWHUB_ENV = ("FLOWHUB_GITHUB_URL", "FLOWHUB_GITHUB_API_URL", "FLOWHUB_OFFLINE
                 "ONEFLOW_MODEL_ZOO")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def zygote_services():
+    """The tests' zygote services live in a runtime folder of their own (short: a socket path has at
+    most 107 bytes) and are shut down when the session ends; processes the tests start share them."""
+    import tempfile
+
+    from flowhub.worker.host.service import stop_services
+
+    folder = tempfile.mkdtemp(prefix="fh-rt-")
+    saved = {k: os.environ.get(k) for k in ("FLOWHUB_RUNTIME_DIR", "FLOWHUB_ZYGOTE", "FLOWHUB_ZYGOTE_IDLE_TIMEOUT")}
+    os.environ.update(FLOWHUB_RUNTIME_DIR=folder, FLOWHUB_ZYGOTE_IDLE_TIMEOUT="120")
+    os.environ.pop("FLOWHUB_ZYGOTE", None)
+    yield folder
+    from flowhub.worker.host import pool
+
+    pool.get_manager().shutdown()
+    stop_services(folder)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def _built_hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("github")

@@ -461,20 +461,27 @@ manager = get_manager()
 host = manager.sandbox_host()
 with open(f"/proc/{host.zygote_pid()}/environ", "rb") as f:
     environ = f.read()
+with open(f"/proc/{manager.zygote_pid}/environ", "rb") as f:
+    plain_environ = f.read()
 print(json.dumps({"small_caller": small, "sandbox_zygote": host._zygote.how,
                   "token_in_sandbox_zygote": os.environ["GITHUB_TOKEN"].encode() in environ,
+                  "token_in_shared_service": manager.zygote_started_by == "shared"
+                                             and os.environ["GITHUB_TOKEN"].encode() in plain_environ,
                   "same": all((a == b).all().item() for a, b in zip(boxed.state_dict().values(),
                                                                      plain.state_dict().values()))}))
 """
 
 
-def test_sandbox_zygote_is_always_spawned_with_a_scrubbed_environment(caller):
+@pytest.mark.parametrize("zygote", ["process", "shared"])
+def test_sandbox_zygote_is_always_spawned_with_a_scrubbed_environment(caller, zygote):
+    """Never forked from the caller, never given its token: a spawned zygote of the caller's own
+    (``FLOWHUB_ZYGOTE=process``) or the sandbox-flavour service; the plain service has no token either."""
     proc = subprocess.run([sys.executable, "-c", FRESH_CALLER, caller["repo"]], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ))
+                          timeout=120, env=dict(os.environ, FLOWHUB_ZYGOTE=zygote))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"small_caller": True, "sandbox_zygote": "spawn", "token_in_sandbox_zygote": False,
-                      "same": True}
+    assert result == {"small_caller": True, "sandbox_zygote": "spawn" if zygote == "process" else "shared",
+                      "token_in_sandbox_zygote": False, "token_in_shared_service": False, "same": True}
 
 
 def test_sandbox_refuses_inprocess_mode(caller):

@@ -278,21 +278,30 @@ CALLER = textwrap.dedent('''
     flowhub.Hub(sandbox=True).load(repo, "leave_sleeper", source="local")
     shim = get_manager().worker_pid(f"local:{os.path.realpath(repo)}")
     time.sleep(0.5)  # the grandchild has detached by now
-    print(json.dumps({"tree": limits.tree(shim), "zygote": get_manager().sandbox_host().zygote_pid()}), flush=True)
+    zygote = get_manager().sandbox_host().zygote()
+    print(json.dumps({"tree": limits.tree(shim), "zygote": zygote.pid, "shared": zygote.how == "shared"}), flush=True)
     time.sleep(60)
 ''')
 
 
-def test_nothing_outlives_a_sigkilled_caller(repo):
-    proc = subprocess.Popen([sys.executable, "-c", CALLER, repo], stdout=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("zygote", ["process", "shared"])
+def test_nothing_outlives_a_sigkilled_caller(repo, zygote):
+    """The worker, its subprocesses and a detached grandchild all die with a SIGKILLed caller; so
+    does a zygote of the caller's own, while a shared service stays up for the next caller."""
+    proc = subprocess.Popen([sys.executable, "-c", CALLER, repo], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, FLOWHUB_ZYGOTE=zygote))
     try:
         line = proc.stdout.readline()
         assert line, "the caller printed nothing"
         info = json.loads(line)
         assert len(info["tree"]) >= 3, info  # shim, worker, detached grandchild
+        assert info["shared"] == (zygote == "shared")
         proc.kill()
         proc.wait()
-        assert _all_gone(info["tree"] + [info["zygote"]]), [p for p in info["tree"] if os.path.exists(f"/proc/{p}")]
+        doomed = info["tree"] + ([] if info["shared"] else [info["zygote"]])
+        assert _all_gone(doomed), [p for p in info["tree"] if os.path.exists(f"/proc/{p}")]
+        if info["shared"]:
+            assert os.path.exists(f"/proc/{info['zygote']}")
     finally:
         proc.kill()
         proc.stdout.close()

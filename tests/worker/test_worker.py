@@ -67,10 +67,20 @@ def call(mgr, repo, op="load", model=None, *args, key=None, **kwargs):
 
 
 def stray_children(*managers):
-    """Live descendants of this process that no manager accounts for."""
-    known = {pid for m in managers + (get_manager(),) for pid in m.active_pids()}  # the process-wide one too
-    return [p.pid for p in psutil.Process().children(recursive=True)
-            if p.pid not in known and p.status() != psutil.STATUS_ZOMBIE]
+    """Live processes forked for this process (its descendants, and the workers zygote services forked
+    for its managers) that no manager accounts for."""
+    managers = managers + (get_manager(),)  # the process-wide one too
+    known = {pid for m in managers for pid in m.active_pids()}
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    ours.update(pid for m in managers for pid in m.service_workers())
+    stray = []
+    for pid in ours - known:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                stray.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return stray
 
 
 def digest(tensor):
@@ -385,7 +395,7 @@ def test_many_loads_leak_no_processes_fds_or_mappings(mgr):
 
 
 def test_call_from_a_short_lived_thread_keeps_the_zygote(tmp_path):
-    own = WorkerManager()
+    own = WorkerManager(zygote_start="spawn")
     try:
         box = {}
         t = threading.Thread(target=lambda: box.update(pid=call(own, V1, "load", "pid")))
@@ -399,7 +409,7 @@ def test_call_from_a_short_lived_thread_keeps_the_zygote(tmp_path):
 
 
 def test_lru_cap_and_idle_reaping():
-    own = WorkerManager(idle_timeout=1.0, max_workers=2)
+    own = WorkerManager(idle_timeout=1.0, max_workers=2, zygote_start="auto")  # a zygote of its own, reaped too
     try:
         for name in ("a", "b", "c"):
             call(own, V1, "load", "pid", key=f"lru:{name}")
@@ -427,12 +437,14 @@ def test_mock_torch_runs_torch_style_repos(mgr):
         mgr.call(repo_dir=repo, key="test:torchstyle|plain", op="load", model="tiny")
 
 
-@pytest.mark.parametrize("start, end", [("fork", "kill"), ("spawn", "kill"), ("fork", "exit")])
+@pytest.mark.parametrize("start, end", [("fork", "kill"), ("spawn", "kill"), ("fork", "exit"), ("shared", "kill"),
+                                        ("shared", "exit")])
 def test_caller_killed_or_exiting_leaves_no_worker(tmp_path, start, end):
-    """A fresh single-threaded caller forks its zygote; one that imported oneflow first spawns it.
-    Either way the caller's own ``models`` module (imported, or in its folder) must not leak into
-    the workers, and the caller
-    exiting or getting SIGKILL must take the zygote and every worker down."""
+    """With ``FLOWHUB_ZYGOTE=process``, a fresh single-threaded caller forks its zygote; one that
+    imported oneflow first spawns it; by default workers come from the shared zygote service. Either
+    way the caller's own ``models`` module (imported, or in its folder) must not leak into the
+    workers, and the caller exiting or getting SIGKILL must take every worker down (and its own
+    zygote; a shared service stays up for the next process)."""
     (tmp_path / "models.py").write_text("CALLER = True\n")
     probe = tmp_path / "probe_repo"
     probe.mkdir()
@@ -455,18 +467,25 @@ def test_caller_killed_or_exiting_leaves_no_worker(tmp_path, start, end):
         except ModuleNotFoundError:
             pass
         m.call(repo_dir={V2!r}, key="b", op="load", model="small")
-        print(" ".join(map(str, m.active_pids())), flush=True)
+        own = m.active_pids()  # a zygote of its own and 3 workers; or 3 workers of the shared service
+        print(" ".join(map(str, own if len(own) == 4 else [m.zygote_pid] + own)), flush=True)
         if {end!r} == "kill":
             time.sleep(60)
     """))
+    env = dict(os.environ, FLOWHUB_ZYGOTE="shared" if start == "shared" else "process")
     proc = subprocess.Popen([PY, str(script)], cwd=str(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         if not line:
             pytest.fail(proc.stderr.read())
         pids = [int(p) for p in line.split()]
         assert len(pids) == 4 and all(psutil.pid_exists(p) for p in pids)  # zygote + 3 workers
+        zygote = pids[0]
+        assert all(psutil.Process(p).ppid() == zygote for p in pids[1:])
+        if start == "shared":  # the service is nobody's child; its workers are its own
+            assert psutil.Process(zygote).ppid() != proc.pid
+            pids = pids[1:]
     finally:
         if end == "kill":
             proc.kill()
@@ -477,8 +496,14 @@ def test_caller_killed_or_exiting_leaves_no_worker(tmp_path, start, end):
         alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.05)
     assert alive == []
+    if start == "shared":
+        assert psutil.pid_exists(zygote)  # still up, for the next process
 
 
-def test_pytest_process_spawns_its_zygote(mgr):
-    call(mgr, V1, "load", "pid")
-    assert mgr.zygote_started_by == "spawn"  # oneflow is imported here: never fork this process
+def test_pytest_process_spawns_its_zygote():
+    own = WorkerManager(zygote_start="auto")
+    try:
+        call(own, V1, "load", "pid")
+        assert own.zygote_started_by == "spawn"  # oneflow is imported here: never fork this process
+    finally:
+        own.shutdown()

@@ -21,6 +21,7 @@ from flowhub.context import CallSettings
 from flowhub.errors import TransferError, WorkerCrashedError, WorkerError, WorkerTimeoutError
 from flowhub.worker.host.handle import WorkerHandle, WorkerKey, describe_call, hubconf_stamp
 from flowhub.worker.host.launch import ZygoteHandle, describe_status, worker_sys_path
+from flowhub.worker.host.service import make_zygote
 from flowhub.worker.wire import failures, messages, protocol
 from flowhub.worker.wire.messages import OPS
 
@@ -33,16 +34,20 @@ class WorkerManager:
     """Runs hubconf operations in isolated workers, one persistent worker per key."""
 
     def __init__(self, idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_workers: int = DEFAULT_MAX_WORKERS,
-                 zygote_start: str = "auto") -> None:
-        """``zygote_start``: ``"spawn"`` (a fresh interpreter), ``"fork"`` (from this process, cleaned)
-        or ``"auto"`` (fork when this process is single-threaded, i.e. before oneflow is imported)."""
-        if zygote_start not in ("auto", "fork", "spawn"):
-            raise ValueError(f"zygote_start must be 'auto', 'fork' or 'spawn', not {zygote_start!r}")
+                 zygote_start: Optional[str] = None) -> None:
+        """``zygote_start``: where workers are forked from. ``"shared"``: the zygote service of this user
+        and environment (:mod:`flowhub.worker.host.service`); a zygote of this process's own, started by
+        ``"spawn"`` (a fresh interpreter), ``"fork"`` (from this process, cleaned) or ``"auto"`` (fork when
+        this process is single-threaded, i.e. before oneflow is imported); ``None``: ``FLOWHUB_ZYGOTE``
+        (``shared`` by default, ``process`` means ``"auto"``)."""
+        if zygote_start not in (None, "shared", "auto", "fork", "spawn"):
+            raise ValueError(f"zygote_start must be 'shared', 'auto', 'fork' or 'spawn', not {zygote_start!r}")
         self.idle_timeout = idle_timeout
         self.max_workers = max_workers
         self._owner = os.getpid()
         self._lock = threading.Lock()
-        self._zygote = ZygoteHandle(zygote_start)
+        self.zygote_start = zygote_start
+        self._zygote = make_zygote(zygote_start, process_factory=lambda: ZygoteHandle(zygote_start or "auto"))
         self._sandbox: Optional[Any] = None  # sandbox.SandboxHost, made by the first sandboxed call
         self._workers: Dict[WorkerKey, WorkerHandle] = {}
         self._reaper: Optional[threading.Thread] = None
@@ -123,16 +128,16 @@ class WorkerManager:
             if self._sandbox is None:
                 from flowhub.worker.host.sandbox import SandboxHost
 
-                self._sandbox = SandboxHost()
+                self._sandbox = SandboxHost(self.zygote_start)
             return self._sandbox
 
     def active_pids(self) -> List[int]:
-        """Pids of the processes this manager keeps: the zygote (if running) and every live worker."""
+        """Pids of the processes this manager keeps: its own zygotes (if running; never a shared zygote
+        service, which outlives it) and every live worker."""
         with self._lock:
             pids = [w.pid for w in self._workers.values() if w.pid is not None and not w.dead]
-        zygote = self._zygote.pid if self._zygote.alive() else None
-        sandboxed = self._sandbox.zygote_pid() if self._sandbox is not None else None
-        return [z for z in (zygote, sandboxed) if z] + pids
+        own = [self._zygote] + ([self._sandbox.zygote()] if self._sandbox is not None else [])
+        return [z.pid for z in own if z is not None and z.how != "shared" and z.alive() and z.pid] + pids
 
     def worker_pid(self, key: str) -> Optional[int]:
         """The pid of the live worker serving ``key`` (any repo dir / mock flag), or ``None``."""
@@ -142,6 +147,22 @@ class WorkerManager:
                     return w.pid
         return None
 
+    def service_workers(self) -> List[int]:
+        """Pids the shared zygote services have forked for this manager and not reaped yet (empty with a
+        per-process zygote, whose workers are this process's own descendants)."""
+        pids: List[int] = []
+        zygotes = [self._zygote] + ([self._sandbox.zygote()] if self._sandbox is not None else [])
+        for zygote in zygotes:
+            if zygote is None or zygote.how != "shared":
+                continue
+            with zygote.lock:
+                if zygote.alive():
+                    try:
+                        pids.extend(zygote.request({"op": "status"}).get("mine", []))
+                    except WorkerError:
+                        pass
+        return pids
+
     @property
     def zygote_pid(self) -> Optional[int]:
         """The zygote's pid while it runs."""
@@ -149,7 +170,8 @@ class WorkerManager:
 
     @property
     def zygote_started_by(self) -> str:
-        """How the current (or last) zygote was started: ``"fork"``, ``"spawn"`` or ``""``."""
+        """How the current (or last) zygote was started: ``"fork"``, ``"spawn"``, ``"shared"`` (a zygote
+        service) or ``""``."""
         return self._zygote.how
 
     def shutdown(self, wait: bool = True) -> None:

@@ -61,19 +61,29 @@ from flowhub.settings import (ENV_SANDBOX_MAX_MEMORY, ENV_SANDBOX_MAX_PROCESSES,
                               SandboxLimits as Limits)
 from flowhub.worker.host import fetch_service, output
 from flowhub.worker.host.launch import ZygoteHandle, describe_status, worker_sys_path
+from flowhub.worker.host.service import make_zygote
 from flowhub.worker.wire import protocol
 from flowhub.worker.wire.messages import EXIT_SANDBOX_WEAK
 
 _WATCH_INTERVAL = 0.1
 
 
-def _sandbox_zygote(home: str) -> ZygoteHandle:
-    """A zygote always *spawned*, with the environment a sandboxed worker would get (``HOME`` and
-    ``TMPDIR`` in ``home``), which warms the sandbox before it says ready."""
+def _sandbox_zygote(home: str, start: Optional[str]) -> Any:
+    """The zygote of sandboxed workers: the sandbox-flavour zygote service (``start`` ``"shared"``, or
+    ``None`` with ``FLOWHUB_ZYGOTE`` shared), else one of this process's own, always *spawned*. Either
+    starts with the environment a sandboxed worker would get (``HOME`` and ``TMPDIR`` in a folder of its
+    own) and warms the sandbox before it says ready."""
     from flowhub.sandbox import SandboxPolicy, environment
+    from flowhub.settings import ZygoteSettings
 
-    return ZygoteHandle("spawn", env=environment.scrubbed_environ(SandboxPolicy(scratch=home)), flavour="sandbox",
-                        cwd=home)
+    def own() -> ZygoteHandle:
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        return ZygoteHandle("spawn", env=environment.scrubbed_environ(SandboxPolicy(scratch=home)),
+                            flavour="sandbox", cwd=home)
+
+    shared_home = os.path.join(ZygoteSettings.from_env().runtime_dir, "sandbox-home")
+    return make_zygote(start, flavour="sandbox", process_factory=own,
+                       env=environment.scrubbed_environ(SandboxPolicy(scratch=shared_home)))
 
 
 @dataclasses.dataclass
@@ -112,24 +122,25 @@ def _let_shim_finish(pid: int, grace: float = 0.5) -> None:
 class SandboxHost:
     """Sandboxed workers of one :class:`~flowhub.worker.host.pool.WorkerManager` (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, zygote_start: Optional[str] = None) -> None:
+        """``zygote_start``: as for :class:`~flowhub.worker.host.pool.WorkerManager` (``"shared"`` or
+        ``None`` with ``FLOWHUB_ZYGOTE`` shared: the sandbox-flavour zygote service)."""
+        self._zygote_start = zygote_start
         self._lock = threading.Lock()
         self._base: Optional[str] = None
-        self._zygote: Optional[ZygoteHandle] = None
+        self._zygote: Optional[Any] = None  # ZygoteHandle or service.SharedZygoteHandle
         self._slots: Dict[int, _Slot] = {}
         self._watchdogs: Dict[Tuple[int, int], Any] = {}
         self._kills: Dict[int, Any] = {}
         self._count = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def _ensure(self) -> ZygoteHandle:
+    def _ensure(self) -> Any:
         with self._lock:
             if self._base is None or not os.path.isdir(self._base):
                 self._base = tempfile.mkdtemp(prefix="flowhub-sandbox-")
             if self._zygote is None:
-                home = os.path.join(self._base, "zygote")
-                os.makedirs(home, mode=0o700, exist_ok=True)
-                self._zygote = _sandbox_zygote(home)
+                self._zygote = _sandbox_zygote(os.path.join(self._base, "zygote"), self._zygote_start)
             return self._zygote
 
     def prewarm(self) -> None:
@@ -141,6 +152,10 @@ class SandboxHost:
     def owns(self, pid: Optional[int]) -> bool:
         with self._lock:
             return pid in self._slots
+
+    def zygote(self) -> Any:
+        """The zygote handle of the sandboxed workers, if one was made."""
+        return self._zygote
 
     def zygote_pid(self) -> Optional[int]:
         zygote = self._zygote

@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Optional, Sequence, Set
+from typing import Callable, Optional, Sequence, Set
 
 #: What every worker needs, imported once here (module names, as CPython's forkserver preloads them).
 PRELOAD = ("cloudpickle", "numpy", "oneflow", "oneflow.hub", "flowhub.context", "flowhub.worker.proc.child")
@@ -55,8 +55,11 @@ def _status(raw: int) -> dict:
 class Zygote:
     """The zygote's request loop (runs in the zygote process)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, close_in_child: Optional[Callable[[], None]] = None) -> None:
+        """``close_in_child``: closes every descriptor of this process a worker must not keep (default:
+        ``sock``); a zygote service passes one that closes its listener and every client's socket."""
         self.sock = sock
+        self.close_in_child = close_in_child or sock.close
         self.children: Set[int] = set()  # forked and not reaped yet
 
     def fork(self, spec: dict, sock_fd: int, output: Sequence[int] = ()) -> int:
@@ -65,7 +68,7 @@ class Zygote:
         pid = os.fork()
         if pid == 0:  # --- the worker ---
             try:
-                self.sock.close()
+                self.close_in_child()
                 set_parent_death_signal(_zygote_pid, b"flowhub-worker")
                 for target, fd in zip((1, 2), output):
                     os.dup2(fd, target)
@@ -122,6 +125,20 @@ class Zygote:
                 pass
         self.children.clear()
 
+    def answer(self, header: dict, fds: list) -> Optional[dict]:
+        """The reply to one ``fork``/``reap`` request (``None`` for ``exit``); takes ``fds``."""
+        from flowhub.worker.wire import protocol
+
+        op = header.get("op")
+        if op == "fork" and len(fds) in (1, 3):
+            return {"pid": self.fork(header.get("spec") or {}, fds[0], fds[1:])}
+        protocol.close_fds(fds)
+        if op == "reap":
+            return self.reap(int(header["pid"]), bool(header.get("kill")))
+        if op == "exit":
+            return None
+        return {"error": f"bad zygote request {op!r}"}
+
     def serve(self) -> None:
         from flowhub.worker.wire import protocol
 
@@ -130,17 +147,9 @@ class Zygote:
                 header, _, fds = protocol.recv_message(self.sock)
             except (protocol.PeerClosed, ConnectionError):
                 return
-            op = header.get("op")
-            if op == "fork" and len(fds) in (1, 3):
-                reply = {"pid": self.fork(header.get("spec") or {}, fds[0], fds[1:])}
-            elif op == "reap":
-                protocol.close_fds(fds)
-                reply = self.reap(int(header["pid"]), bool(header.get("kill")))
-            elif op == "exit":
+            reply = self.answer(header, fds)
+            if reply is None:
                 return
-            else:
-                protocol.close_fds(fds)
-                reply = {"error": f"bad zygote request {op!r}"}
             protocol.send_message(self.sock, reply)
 
 
@@ -179,7 +188,7 @@ def _reseed() -> None:
     flow.seed()
 
 
-def _import_quietly() -> Optional[str]:
+def import_quietly() -> Optional[str]:
     """Import what every worker needs with fds 1/2 captured (oneflow's import chatter is noise the
     caller already printed once). Returns the captured text if an import failed, else ``None``."""
     capture = os.memfd_create("zygote-import", os.MFD_CLOEXEC)
@@ -213,18 +222,23 @@ def _import_quietly() -> Optional[str]:
 _zygote_pid = 0
 
 
-def _serve_forever(sock: socket.socket, sandboxed: bool = False) -> None:
-    """Import what workers need, say ready (or why not), serve; never returns. A ``sandboxed`` zygote
-    (one whose workers sandbox themselves) also warms the sandbox."""
+def warm_up(sandboxed: bool) -> Optional[str]:
+    """Become a zygote: import what workers need (a ``sandboxed`` zygote, whose workers sandbox
+    themselves, also warms the sandbox). Returns the captured output if an import failed."""
     global _zygote_pid
     _zygote_pid = os.getpid()
-    failure = _import_quietly()
-    from flowhub.worker.wire import protocol
-
+    failure = import_quietly()
     if failure is None and sandboxed:
         from flowhub.worker.proc import sandbox_child
 
         sandbox_child.prepare()
+    return failure
+
+
+def _serve_forever(sock: socket.socket, sandboxed: bool = False) -> None:
+    """Import what workers need, say ready (or why not), serve; never returns."""
+    failure = warm_up(sandboxed)
+    from flowhub.worker.wire import protocol
 
     if failure is not None:
         protocol.send_message(sock, {"ready": False, "error": failure[-20000:]})
