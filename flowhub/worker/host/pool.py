@@ -21,7 +21,7 @@ from flowhub.context import CallSettings
 from flowhub.errors import TransferError, WorkerCrashedError, WorkerError, WorkerTimeoutError
 from flowhub.worker.host.handle import WorkerHandle, WorkerKey, describe_call, hubconf_stamp
 from flowhub.worker.host.launch import ZygoteHandle, describe_status, worker_sys_path
-from flowhub.worker.host.service import make_zygote
+from flowhub.worker.host import service
 from flowhub.worker.wire import failures, messages, protocol
 from flowhub.worker.wire.messages import OPS
 
@@ -35,11 +35,9 @@ class WorkerManager:
 
     def __init__(self, idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_workers: int = DEFAULT_MAX_WORKERS,
                  zygote_start: Optional[str] = None) -> None:
-        """``zygote_start``: where workers are forked from. ``"shared"``: the zygote service of this user
-        and environment (:mod:`flowhub.worker.host.service`); a zygote of this process's own, started by
-        ``"spawn"`` (a fresh interpreter), ``"fork"`` (from this process, cleaned) or ``"auto"`` (fork when
-        this process is single-threaded, i.e. before oneflow is imported); ``None``: ``FLOWHUB_ZYGOTE``
-        (``shared`` by default, ``process`` means ``"auto"``)."""
+        """``zygote_start``: ``"shared"`` (the zygote service of this user and environment), or a zygote
+        of this process's own started by ``"spawn"``, ``"fork"`` (from this process, cleaned) or ``"auto"``
+        (fork while single-threaded); ``None``: ``FLOWHUB_ZYGOTE`` (``shared``; ``process`` = ``"auto"``)."""
         if zygote_start not in (None, "shared", "auto", "fork", "spawn"):
             raise ValueError(f"zygote_start must be 'shared', 'auto', 'fork' or 'spawn', not {zygote_start!r}")
         self.idle_timeout = idle_timeout
@@ -47,7 +45,7 @@ class WorkerManager:
         self._owner = os.getpid()
         self._lock = threading.Lock()
         self.zygote_start = zygote_start
-        self._zygote = make_zygote(zygote_start, process_factory=lambda: ZygoteHandle(zygote_start or "auto"))
+        self._zygote = service.make_zygote(zygote_start, process_factory=lambda: ZygoteHandle(zygote_start or "auto"))
         self._sandbox: Optional[Any] = None  # sandbox.SandboxHost, made by the first sandboxed call
         self._workers: Dict[WorkerKey, WorkerHandle] = {}
         self._reaper: Optional[threading.Thread] = None
@@ -73,9 +71,7 @@ class WorkerManager:
         call once its worker runs. A worker whose ``hubconf.py`` changed on disk since it imported it
         is replaced (the reference re-imports hubconf.py on every call).
 
-        ``sandbox=True``: the worker comes from a separate, scrubbed zygote and is sandboxed before it
-        imports the hubconf; it never gets the GitHub token, and the caller makes its downloads (see
-        :mod:`flowhub.worker.host.sandbox`).
+        ``sandbox=True``: a sandboxed worker from a scrubbed zygote (:mod:`flowhub.worker.host.sandbox`).
         """
         if op not in OPS:
             raise ValueError(f"unknown hub operation {op!r}; expected one of {', '.join(OPS)}")
@@ -136,8 +132,10 @@ class WorkerManager:
         service, which outlives it) and every live worker."""
         with self._lock:
             pids = [w.pid for w in self._workers.values() if w.pid is not None and not w.dead]
-        own = [self._zygote] + ([self._sandbox.zygote()] if self._sandbox is not None else [])
-        return [z.pid for z in own if z is not None and z.how != "shared" and z.alive() and z.pid] + pids
+        return [z.pid for z in self._zygotes() if z.how != "shared" and z.alive() and z.pid] + pids
+
+    def _zygotes(self) -> list:
+        return [self._zygote] + ([self._sandbox.zygote()] if self._sandbox and self._sandbox.zygote() else [])
 
     def worker_pid(self, key: str) -> Optional[int]:
         """The pid of the live worker serving ``key`` (any repo dir / mock flag), or ``None``."""
@@ -148,20 +146,8 @@ class WorkerManager:
         return None
 
     def service_workers(self) -> List[int]:
-        """Pids the shared zygote services have forked for this manager and not reaped yet (empty with a
-        per-process zygote, whose workers are this process's own descendants)."""
-        pids: List[int] = []
-        zygotes = [self._zygote] + ([self._sandbox.zygote()] if self._sandbox is not None else [])
-        for zygote in zygotes:
-            if zygote is None or zygote.how != "shared":
-                continue
-            with zygote.lock:
-                if zygote.alive():
-                    try:
-                        pids.extend(zygote.request({"op": "status"}).get("mine", []))
-                    except WorkerError:
-                        pass
-        return pids
+        """Pids the shared zygote services forked for this manager and have not reaped yet."""
+        return service.forked_for_caller(self._zygotes())
 
     @property
     def zygote_pid(self) -> Optional[int]:
@@ -170,8 +156,7 @@ class WorkerManager:
 
     @property
     def zygote_started_by(self) -> str:
-        """How the current (or last) zygote was started: ``"fork"``, ``"spawn"``, ``"shared"`` (a zygote
-        service) or ``""``."""
+        """How the current (or last) zygote was started: ``"fork"``, ``"spawn"``, ``"shared"`` or ``""``."""
         return self._zygote.how
 
     def shutdown(self, wait: bool = True) -> None:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from flowhub import settings as settings_mod
 from flowhub.errors import WorkerCrashedError
@@ -377,6 +377,21 @@ def make_zygote(start: Optional[str] = None, *, flavour: str = "", env: Optional
             notice(f"flowhub: not using a shared zygote service: {exc}")
     assert process_factory is not None
     return process_factory()
+
+
+def forked_for_caller(zygotes: list) -> List[int]:
+    """Pids the shared services among ``zygotes`` have forked for this process and not reaped yet."""
+    pids: List[int] = []
+    for zygote in zygotes:
+        if zygote is None or zygote.how != "shared":
+            continue
+        with zygote.lock:
+            if zygote.alive():
+                try:
+                    pids.extend(zygote.request({"op": "status"}).get("mine", []))
+                except WorkerCrashedError:
+                    pass
+    return pids
 
 
 def service_status(flavour: str = "", zygote: Optional[settings_mod.ZygoteSettings] = None) -> Dict[str, Any]:
