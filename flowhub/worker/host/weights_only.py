@@ -77,6 +77,8 @@ def load(path: Any, map_location: Any = None, *, lock_timeout: float = 600.0,
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if checkpoints.weights_file_kind(path):  # torch/safetensors: allow-list readers, safe in this process
+        return checkpoints.load_checkpoint(path, map_location, lock_timeout)
     if context.sandboxed_downloads():  # already in a sandboxed worker: load here
         value = checkpoints.load_checkpoint(path, "cpu", lock_timeout)
         codec.check_plain(value)
