@@ -2,7 +2,8 @@
 
 ``find_class`` (the only way a pickle reaches a Python global, ``EXT`` codes included) answers for
 ``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2``, ``torch._utils._rebuild_parameter``
-(and ``_with_state``) and the typed ``torch.*Storage`` names, and refuses every other name with
+(and ``_with_state``), the typed ``torch.*Storage`` names and ``_codecs.encode`` (latin-1 only: how
+protocol 2 pickles ``bytes``), and refuses every other name with
 :class:`~flowhub.errors.UnsafeCheckpointError` before it is called. Storages come from
 ``persistent_load(("storage", type, key, location, numel[, view]))``.
 
@@ -29,7 +30,7 @@ STORAGES = {"FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage"
             "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
             "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128"}
 ALLOWED = ("collections.OrderedDict, torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter, "
-           "torch._utils._rebuild_parameter_with_state and torch.<Type>Storage")
+           "torch._utils._rebuild_parameter_with_state, torch.<Type>Storage and _codecs.encode (for bytes)")
 _WHY = {"_rebuild_tensor_v3": " (torch writes it for uint16/uint32/uint64/float8 tensors, which OneFlow 0.9 "
                               "does not have)",
         "_rebuild_qtensor": " (a quantized tensor, which OneFlow 0.9 does not have)"}
@@ -87,6 +88,12 @@ def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any = None
     return data
 
 
+def _latin1(text: Any, encoding: Any = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CheckpointFormatError("the pickle calls _codecs.encode other than for bytes")
+    return text.encode("latin-1")
+
+
 class TorchUnpickler(pickle.Unpickler):
     """Reads one torch pickle; ``storages`` collects every storage it names, by key."""
 
@@ -104,6 +111,8 @@ class TorchUnpickler(pickle.Unpickler):
             return _rebuild_parameter
         if module == "torch" and name in STORAGES:
             return StorageType(STORAGES[name])
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 pickles bytes
+            return _latin1
         raise UnsafeCheckpointError(
             f"{self.what}: the pickle asks for {module}.{name}{_WHY.get(name, '')}, which flowhub does not load: "
             f"a torch checkpoint may name only {ALLOWED}. Nothing from the file was run. If you trust the file, "
