@@ -11,7 +11,8 @@ A download is checked to be a checkpoint before it is published (:func:`checkpoi
 a OneFlow checkpoint folder, a PyTorch file (zip or legacy pickle) or a safetensors file. An HTML
 error page or a truncated zip is refused with what was received, and nothing is cached. OneFlow's
 ``flow.load`` hands any single file to ``torch.load``, which unpickles it (runs its code), so
-:func:`load_checkpoint` never gives it one outside a sandboxed worker.
+:func:`load_checkpoint` never gives it one outside a sandboxed worker: torch and safetensors files
+are read by :mod:`flowhub.formats` instead (:func:`read_weights_file`), in any process.
 """
 from __future__ import annotations
 
