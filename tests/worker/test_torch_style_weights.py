@@ -96,6 +96,34 @@ def test_torch_load_in_a_hubconf_reads_pth_files(zoo):
             assert state["epoch"] == 7
 
 
+SANDBOXED = '''
+"""An untrusted repo: its .pth is fetched by the caller and read in the sandboxed worker."""
+import oneflow.hub
+
+dependencies = ["oneflow"]
+
+
+def sums(url):
+    """Per tensor: its shape and the sum of its values."""
+    state = oneflow.hub.load_state_dict_from_url(url, progress=False)
+    return {name: [list(t.shape), float(t.double().sum())] for name, t in state.items()}
+'''
+
+
+def test_a_sandboxed_worker_reads_pth_files(gh, hub_root, tmp_path):
+    assets = hub_root / "torchstyle" / "untrusted" / "releases" / "download" / "v1"
+    assets.mkdir(parents=True, exist_ok=True)
+    shutil.copy(os.path.join(FIXTURES, "tinynet.pth"), assets / "tinynet.pth")
+    make_repo(hub_root, "torchstyle", "untrusted", {"hubconf.py": SANDBOXED})
+    url = f"{gh.url}/torchstyle/untrusted/releases/download/v1/tinynet.pth"
+    got = flowhub.Hub(tmp_path / "hub", sandbox=True).load("torchstyle/untrusted", "sums", url)
+    want = flowhub.load_weights(os.path.join(FIXTURES, "tinynet.pth"))
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name][0] == list(tensor.shape)
+        assert got[name][1] == pytest.approx(float(tensor.double().sum()), rel=1e-9, abs=1e-9), name
+
+
 @pytest.fixture(autouse=True)
 def _shutdown():
     yield
