@@ -24,6 +24,7 @@ from flowhub.cache.checkpoints import HASH_REGEX  # noqa: E402
 from flowhub.entrypoints import MODULE_HUBCONF, VAR_DEPENDENCY  # noqa: E402
 from flowhub.errors import (  # noqa: E402
     ArchiveError,
+    CheckpointFormatError,
     EntrypointError,
     FlowhubError,
     HashMismatchError,
@@ -40,6 +41,7 @@ from flowhub.errors import (  # noqa: E402
     ResolveError,
     StaleProxyError,
     TransferError,
+    UnsafeCheckpointError,
     UntrustedRepositoryError,
     WeightsOnlyError,
     WorkerCrashedError,
@@ -57,5 +59,5 @@ __all__ = [
     "ResolveError", "RateLimitError", "NetworkError", "RequestTimeoutError", "OfflineError", "IntegrityError",
     "IncompleteDownloadError", "HashMismatchError", "ArchiveError", "UntrustedRepositoryError", "WorkerError",
     "WorkerCrashedError", "WorkerTimeoutError", "HubconfError", "TransferError", "ProxyError", "StaleProxyError",
-    "Proxy", "load_weights", "WeightsOnlyError",
+    "Proxy", "load_weights", "WeightsOnlyError", "CheckpointFormatError", "UnsafeCheckpointError",
 ]

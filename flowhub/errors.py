@@ -157,6 +157,11 @@ class CheckpointFormatError(IntegrityError):
     single-file checkpoint that only ``torch.load`` (which unpickles it) could read in this process."""
 
 
+class UnsafeCheckpointError(CheckpointFormatError, WeightsOnlyError):
+    """A torch checkpoint's pickle names a global outside flowhub's allow-list (storages, tensors,
+    parameters, ``OrderedDict``); it was refused before anything in it ran."""
+
+
 # -- the wire between caller and worker, and the sandbox -------------------------------------------------
 class PeerClosed(EOFError):
     """The other end of a worker socket closed it (usually: the process died)."""

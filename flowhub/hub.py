@@ -210,7 +210,8 @@ class Hub:
     def load_state_dict_from_url(self, url: str, model_dir: Optional[PathLike] = None, map_location: Any = None,
                                  progress: bool = True, check_hash: bool = False,
                                  file_name: Optional[str] = None, weights_only: bool = False) -> Any:
-        """Download (once) and ``oneflow.load`` the checkpoint at ``url``; zipped checkpoint folders are extracted once.
+        """Download (once) and ``oneflow.load`` the checkpoint at ``url``; zipped checkpoint folders are extracted once,
+        torch (``.pth``, zip or legacy) and ``.safetensors`` files are read without torch, mapped zero-copy.
 
         ``weights_only=True``: unpickle it in a sandboxed worker and return only its tensors and plain
         values (see :meth:`load_weights`).
@@ -219,8 +220,11 @@ class Hub:
                                                 weights_only, settings=self.settings())
 
     def load_weights(self, path: PathLike, map_location: Any = None, weights_only: bool = True) -> Any:
-        """Load a local checkpoint (a oneflow checkpoint folder, a file, or a zip of a folder).
+        """Load a local checkpoint (a oneflow checkpoint folder, a file, or a zip of a folder; a torch
+        ``.pth``/``.pt`` or a ``.safetensors`` file).
 
+        Torch and safetensors files are read here by flowhub's allow-list readers, which run nothing
+        from the file (:mod:`flowhub.formats`), whatever ``weights_only`` says. For the others,
         ``weights_only=True`` (the default): the checkpoint's pickle, which can run any code, is
         unpickled in a one-shot sandboxed worker that may read only the checkpoint; only tensors and
         plain values (numbers, strings, None, bytes, devices, dtypes, and lists, tuples and dicts of

@@ -11,7 +11,8 @@ A download is checked to be a checkpoint before it is published (:func:`checkpoi
 a OneFlow checkpoint folder, a PyTorch file (zip or legacy pickle) or a safetensors file. An HTML
 error page or a truncated zip is refused with what was received, and nothing is cached. OneFlow's
 ``flow.load`` hands any single file to ``torch.load``, which unpickles it (runs its code), so
-:func:`load_checkpoint` never gives it one outside a sandboxed worker.
+:func:`load_checkpoint` never gives it one outside a sandboxed worker: torch and safetensors files
+are read by :mod:`flowhub.formats` instead (:func:`read_weights_file`), in any process.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import re
 import time
 import zipfile
 import zlib
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 from urllib.parse import urlparse
 
+from flowhub import formats
 from flowhub.cache import archive, store
 from flowhub.net.download import download
 from flowhub.errors import ArchiveError, CheckpointFormatError, OfflineError
@@ -359,6 +361,63 @@ def remap(obj: Any, map_location: Any) -> Any:
     return obj
 
 
+def weights_file_kind(path: Any) -> Optional[str]:
+    """The format of ``path`` if it is a single weights file that :mod:`flowhub.formats` reads safely in any
+    process (torch zip or legacy, safetensors), else None."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return None
+    try:
+        kind = checkpoint_format(os.fspath(path))
+    except OSError:
+        return None
+    return kind if kind in formats.KINDS else None
+
+
+def read_weights_file(path: str, kind: str, map_location: Any = None, *, mapped: bool) -> Any:
+    """The object in a torch or safetensors file, with oneflow tensors (see :func:`flowhub.formats.read`).
+
+    With ``mapped`` (only for files never rewritten in place: this cache's) tensors map the file
+    copy-on-write, and those that do are remembered like mapped checkpoint folders
+    (:func:`flowhub.cache.mapping.take_loaded`), so a worker can send them back as references.
+    """
+    loaded = formats.read(path, kind, mapped=mapped)
+    if loaded.extents:
+        mapping.remember(path, loaded.extents)
+    return _placed(loaded.value, map_location)
+
+
+def _placed(value: Any, map_location: Any) -> Any:
+    """``value`` (tensors on the CPU) moved as ``map_location`` says (a device, a dict or a callable)."""
+    if map_location is None:
+        return value
+    import oneflow as flow  # delayed: only a load needs oneflow
+
+    if isinstance(map_location, (str, flow.device)):
+        device = flow.device(map_location)
+        return value if device.type == "cpu" else remap(value, lambda tensor, _: tensor.to(device))
+    return remap(value, map_location)
+
+
+def install_weights_files_loader(roots: Sequence[str]) -> None:
+    """In a worker: ``oneflow.load`` (so ``torch.load`` under ``mock_torch``) reads torch and safetensors
+    files with :func:`read_weights_file`, mapped when they lie under ``roots`` (the hub cache), instead
+    of handing them to ``torch.load``; everything else goes to oneflow's own ``load``."""
+    import oneflow as flow  # delayed: only a worker's load needs oneflow
+
+    original = getattr(flow.load, "flowhub_original", flow.load)
+    roots = tuple(roots)
+
+    def load(path: Any, global_src_rank: Optional[int] = None, map_location: Any = None, **torch_options: Any) -> Any:
+        kind = weights_file_kind(path) if global_src_rank is None else None
+        if kind is None:
+            return original(path, global_src_rank, map_location)
+        # torch.load's weights_only / mmap need nothing more: the reader is allow-list only and maps
+        return read_weights_file(os.fspath(path), kind, map_location, mapped=store.inside(os.fspath(path), roots))
+
+    load.flowhub_original = original  # type: ignore[attr-defined]
+    flow.load = load
+
+
 def _in_sandbox() -> bool:
     from flowhub import sandbox
 
@@ -366,15 +425,15 @@ def _in_sandbox() -> bool:
 
 
 def load_checkpoint(path: str, map_location: Any = None, lock_timeout: float = 600.0) -> Any:
-    """``oneflow.load`` a checkpoint folder, or a zip of one (extracted once first).
+    """``oneflow.load`` a checkpoint folder, or a zip of one (extracted once first); read a torch
+    (``.pth``/``.pt``, zip or legacy) or safetensors file with :func:`read_weights_file`.
 
     This is ``load_state_dict_from_url`` / ``load_weights`` without ``weights_only``: the folder's
     ``pickled_data`` is unpickled here, as the reference does, so use it for checkpoints you trust.
-    A *single file* is never handed to ``oneflow.load`` outside a sandboxed worker, whatever its
-    origin: OneFlow passes it to ``torch.load``, which unpickles it (runs any code it holds) and fails
-    without torch (the old "No module named 'torch'"). PyTorch, safetensors and unknown files raise
-    :class:`~flowhub.errors.CheckpointFormatError` instead; with ``weights_only=True`` the file is
-    loaded in a sandboxed worker.
+    Torch files are read by an allow-list unpickler that runs nothing (safe anywhere), mapped
+    zero-copy when this cache downloaded them. Any other *single file* is never handed to
+    ``oneflow.load`` outside a sandboxed worker: OneFlow passes it to ``torch.load``, which unpickles
+    it (runs any code it holds); it raises :class:`~flowhub.errors.CheckpointFormatError` instead.
     """
     import oneflow as flow
 
@@ -382,6 +441,9 @@ def load_checkpoint(path: str, map_location: Any = None, lock_timeout: float = 6
         kind = checkpoint_format(path)
         if kind == "oneflow-zip":
             path = extracted_checkpoint(path, lock_timeout)
+        elif kind in formats.KINDS:  # read by flowhub's allow-list readers, never unpickled
+            published = os.path.exists(file_record_path(os.path.dirname(path), os.path.basename(path)))
+            return read_weights_file(path, kind, map_location, mapped=published)
         elif not _in_sandbox():
             what = f"is {FORMATS[kind]}" if kind else f"is not a checkpoint ({_received(path)})"
             raise CheckpointFormatError(

@@ -33,10 +33,11 @@ MIN_MAPPED_BYTES = 64 << 10
 class LoadedFile(NamedTuple):
     """One tensor file mapped by :func:`mapped_loads`."""
 
-    path: str  # real path of the ``out`` file
+    path: str  # real path of the ``out`` file (or of a torch/safetensors file)
     dtype: str  # numpy dtype name
     shape: Tuple[int, ...]
     nbytes: int
+    offset: int = 0  # where the tensor's bytes start in the file
 
 
 def map_file(path: str, dtype: Any, shape: Tuple[int, ...], offset: int = 0) -> "np.ndarray":
@@ -100,6 +101,15 @@ def _mapping_loader(original, roots: Tuple[str, ...]):
 
     load_single_variable.flowhub_original = original  # type: ignore[attr-defined]
     return load_single_variable
+
+
+def remember(path: str, extents: Sequence[Any]) -> None:
+    """Record tensors read zero-copy from ``path`` by :mod:`flowhub.formats` (its ``Extent`` tuples)."""
+    real = os.path.realpath(path)
+    with _lock:
+        _loaded.extend(LoadedFile(real, e.dtype, tuple(e.shape), e.nbytes, e.offset)
+                       for e in extents if e.nbytes >= MIN_MAPPED_BYTES)
+        del _loaded[:-_MAX_REMEMBERED]
 
 
 def take_loaded() -> List[LoadedFile]:

@@ -15,6 +15,9 @@ forked from the sandbox zygote for this one load, which may read only the checkp
   mapped bytes with ``flow.from_numpy`` (zero-copy, on a private copy-on-write mapping, so the
   tensors are writable). Nothing the worker sends is unpickled here.
 
+Torch ``.pth`` and ``.safetensors`` files need no worker: flowhub's allow-list readers
+(:mod:`flowhub.formats`) run nothing from the file, so they are read here.
+
 Inside a sandboxed worker (a hubconf calling ``load_state_dict_from_url(..., weights_only=True)``)
 the checkpoint is loaded in place, since that process is already sandboxed, and checked the same way.
 """
@@ -77,6 +80,8 @@ def load(path: Any, map_location: Any = None, *, lock_timeout: float = 600.0,
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if checkpoints.weights_file_kind(path):  # torch/safetensors: allow-list readers, safe in this process
+        return checkpoints.load_checkpoint(path, map_location, lock_timeout)
     if context.sandboxed_downloads():  # already in a sandboxed worker: load here
         value = checkpoints.load_checkpoint(path, "cpu", lock_timeout)
         codec.check_plain(value)

@@ -27,7 +27,7 @@ from typing import Any, List, Optional, Tuple
 
 from flowhub import context, entrypoints
 from flowhub.errors import TransferError
-from flowhub.cache import mapping
+from flowhub.cache import checkpoints, mapping
 from flowhub.worker.wire import byvalue, failures, protocol, transfer, weightrefs
 from flowhub.worker.proc import objects
 
@@ -104,6 +104,7 @@ class WorkerLoop:
             call = context.CallSettings.from_wire(settings)
             context.adopt(call)
             mapping.install([call.settings.hub_dir])  # oneflow.load maps what the hub cache holds
+            checkpoints.install_weights_files_loader([call.settings.hub_dir])  # ... and reads torch files
         if rng:
             byvalue.set_rng_state(rng)
         return args, kwargs

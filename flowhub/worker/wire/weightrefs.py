@@ -4,7 +4,8 @@ The usual pretrained load in a worker: the hubconf builds a model, ``load_state_
 the cached checkpoint (:mod:`flowhub.cache.mapping`), ``load_state_dict`` copies it into the model.
 Sending those parameters back would copy them twice more (into a memfd, then fault them in here).
 Instead the worker checks, byte for byte, which of its result's tensors equal a cached tensor file it
-mapped during the call (:func:`match`), and sends ``{"file", "offset"}`` for those; the caller maps
+mapped during the call (:func:`match`: a ``tensor_N/out`` file, or a tensor's bytes inside a torch or
+safetensors file), and sends ``{"file", "offset"}`` for those; the caller maps
 the same file copy-on-write (:func:`open_reference`), after checking that it lies in the hub cache
 and holds exactly those bytes. Cache entries are published by rename and never rewritten in place,
 so a mapping stays valid (and unchanged) even when its entry is replaced or removed.
@@ -31,7 +32,7 @@ def match(arrays: Sequence[np.ndarray], meta: Sequence[dict],
     # tensors share a shape (a model's layers usually do)
     candidates: Dict[Tuple[str, Tuple[int, ...], bytes], List[mapping.LoadedFile]] = {}
     for f in loaded:
-        sample = _file_sample(f.path, f.nbytes)
+        sample = _file_sample(f.path, f.nbytes, f.offset)
         if sample is not None:
             candidates.setdefault((f.dtype, tuple(f.shape), sample), []).append(f)
     refs: List[Optional[dict]] = []
@@ -40,8 +41,8 @@ def match(arrays: Sequence[np.ndarray], meta: Sequence[dict],
         if info.get("kind") in ("param", "tensor") and array.nbytes >= mapping.MIN_MAPPED_BYTES:
             flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
             for f in candidates.get((array.dtype.name, tuple(array.shape), _sample(flat)), ()):
-                if _same_bytes(flat, f.path, f.nbytes):
-                    ref = {"file": f.path, "offset": 0}
+                if _same_bytes(flat, f.path, f.nbytes, f.offset):
+                    ref = {"file": f.path, "offset": f.offset}
                     break
         refs.append(ref)
     return refs
@@ -56,18 +57,21 @@ def _sample(flat: np.ndarray) -> bytes:
     return b"".join(flat[a:a + _SAMPLE].tobytes() for a in (0, max(mid - _SAMPLE // 2, 0), max(n - _SAMPLE, 0)))
 
 
-def _file_sample(path: str, nbytes: int) -> Optional[bytes]:
+def _file_sample(path: str, nbytes: int, offset: int) -> Optional[bytes]:
+    """The sample of ``nbytes`` bytes at ``offset`` of ``path`` (a tensor file is exactly them; a torch or
+    safetensors file holds them among others)."""
     try:
-        if os.path.getsize(path) != nbytes:
+        size = os.path.getsize(path)
+        if (size != nbytes) if offset == 0 else (size < offset + nbytes):
             return None
-        return _sample(np.memmap(path, dtype=np.uint8, mode="r", shape=(nbytes,)))
+        return _sample(np.memmap(path, dtype=np.uint8, mode="r", shape=(nbytes,), offset=offset))
     except (OSError, ValueError):
         return None
 
 
-def _same_bytes(flat: np.ndarray, path: str, nbytes: int) -> bool:
+def _same_bytes(flat: np.ndarray, path: str, nbytes: int, offset: int) -> bool:
     try:
-        on_disk = np.memmap(path, dtype=np.uint8, mode="r", shape=(nbytes,))
+        on_disk = np.memmap(path, dtype=np.uint8, mode="r", shape=(nbytes,), offset=offset)
     except (OSError, ValueError):
         return False
     return bool(np.array_equal(flat, on_disk))
