@@ -137,3 +137,46 @@ def test_references_outside_the_cache_or_of_the_wrong_size_are_refused(tmp_path)
 def _shutdown():
     yield
     get_manager().shutdown()
+
+
+def _mapped_inodes(prefix: str) -> dict:
+    """path -> inode of the files under ``prefix`` this process maps (from /proc/self/maps)."""
+    found = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].strip().startswith(prefix):
+                found[parts[5].strip().replace(" (deleted)", "")] = int(parts[4])
+    return found
+
+
+def test_replacing_a_mapped_entry_renames_it_and_never_rewrites_it(published, tmp_path, hub_root):
+    """A cache entry a model maps is replaced by a new file under the same name, never written over:
+    the model keeps its weights, the new load gets the new ones, and the two are different inodes."""
+    hub, url, expected = published
+    model = hub.load("refs/pretrained", "net", url, trust_repo=True)
+    extracted = os.path.realpath(str(tmp_path / "hub" / "checkpoints" / "net.zip.extracted"))
+    old = _mapped_inodes(extracted)
+    assert len(old) == 2
+    # the server now publishes other weights under the same name; prune the cache and load again
+    flow.manual_seed(12)
+    newer = flow.nn.Sequential(flow.nn.Linear(256, 512), flow.nn.ReLU(), flow.nn.Linear(512, 256),
+                               flow.nn.Linear(256, 4))
+    folder = tmp_path / "saved2" / "net"
+    flow.save(newer.state_dict(), str(folder))
+    asset = hub_root / "refs" / "pretrained" / "releases" / "download" / "v1" / "net.zip"
+    with zipfile.ZipFile(asset, "w") as z:
+        for root, _, files in os.walk(folder):
+            for name in files:
+                full = os.path.join(root, name)
+                z.write(full, os.path.relpath(full, folder.parent))
+    hub_dir = str(tmp_path / "hub")
+    for entry in inventory.select_for_pruning(inventory.scan(hub_dir), max_size=0):  # flowhub cache prune --max-size 0
+        inventory.remove(hub_dir, entry)
+    again = hub.load("refs/pretrained", "net", url, force_reload=True)
+    x = flow.randn(2, 256)
+    assert np.array_equal(model(x).numpy(), expected(x).numpy())  # the old mapping is intact
+    assert np.array_equal(again(x).numpy(), newer(x).numpy())
+    now = _mapped_inodes(extracted)
+    fresh = {p: inode for p, inode in now.items() if os.path.exists(p) and os.stat(p).st_ino == inode}
+    assert len(fresh) == 2 and not set(fresh.values()) & set(old.values())
