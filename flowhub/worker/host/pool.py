@@ -53,7 +53,7 @@ class WorkerManager:
     def call(self, *, repo_dir: str, key: str, op: str, model: Optional[str] = None, args: tuple = (),
              kwargs: Optional[dict] = None, mode: str = "rebuild", settings: Optional[CallSettings] = None,
              timeout: Optional[float] = None, label: str = "", mock_torch: bool = False,
-             weights: Optional[list] = None, sandbox: bool = False) -> Any:
+             weights: Optional[list] = None, sandbox: bool = False, extra_sys_path: Sequence[str] = ()) -> Any:
         """Run ``op`` (``list``, ``help`` or ``load``) in the worker of ``key`` and return its result.
 
         The weight files the call used (URL, size, SHA-256) are appended to ``weights`` if given.
@@ -71,6 +71,9 @@ class WorkerManager:
         ``sandbox=True``: the worker comes from a separate, scrubbed zygote and is sandboxed before it
         imports the hubconf; it never gets the GitHub token, and the caller makes its downloads (see
         :mod:`flowhub.worker.host.sandbox`).
+
+        ``extra_sys_path``: folders put on the worker's import path right after the repository (its
+        requirement overlay, see :mod:`flowhub.cache.overlays`); they are part of the worker's key.
         """
         if op not in OPS:
             raise ValueError(f"unknown hub operation {op!r}; expected one of {', '.join(OPS)}")
@@ -97,8 +100,9 @@ class WorkerManager:
             raise TransferError(f"{context}: the arguments cannot be sent to the worker by value "
                                 f"({type(exc).__name__}: {exc})") from None
         repo_dir = os.path.abspath(repo_dir)
-        worker = self._acquire(WorkerKey(key, os.path.realpath(repo_dir), bool(mock_torch), sandbox_hub), repo_dir,
-                               mock_torch, label)
+        extra = [os.path.abspath(p) for p in extra_sys_path]
+        worker = self._acquire(WorkerKey(key + "".join(f"+{p}" for p in extra), os.path.realpath(repo_dir),
+                                         bool(mock_torch), sandbox_hub), repo_dir, mock_torch, label, extra)
         worker.settings = call  # for the requests a sandboxed worker makes during the call
         try:
             result, used = self._call(worker, op, model, request, timeout, context, mode, [call.settings.hub_dir])
@@ -173,7 +177,8 @@ class WorkerManager:
             self._sandbox.shutdown(wait)
 
     # -- workers ------------------------------------------------------------------------------------
-    def _acquire(self, ikey: WorkerKey, repo_dir: str, mock_torch: bool, label: str) -> WorkerHandle:
+    def _acquire(self, ikey: WorkerKey, repo_dir: str, mock_torch: bool, label: str,
+                 extra_sys_path: Sequence[str] = ()) -> WorkerHandle:
         """The live worker for ``ikey``, locked for this call (forked if needed)."""
         while True:
             with self._lock:
@@ -194,7 +199,7 @@ class WorkerManager:
                         worker.ended[worker.gen] = f"died ({describe_status(status)})"
                     worker.dead = False
                 try:
-                    self._fork(worker, repo_dir, mock_torch)
+                    self._fork(worker, repo_dir, mock_torch, extra_sys_path)
                     worker.stamp = stamp
                 except BaseException:
                     worker.dead = True
@@ -206,10 +211,10 @@ class WorkerManager:
             worker.label = label
             return worker
 
-    def _fork(self, worker: WorkerHandle, repo_dir: str, mock_torch: bool) -> None:
+    def _fork(self, worker: WorkerHandle, repo_dir: str, mock_torch: bool, extra_sys_path: Sequence[str] = ()) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         spec = {"repo_dir": repo_dir, "mock_torch": bool(mock_torch), "env": dict(os.environ),
-                "cwd": os.getcwd(), "sys_path": worker_sys_path()}
+                "cwd": os.getcwd(), "sys_path": list(extra_sys_path) + worker_sys_path()}
         try:
             if worker.ikey.sandbox_hub is not None:
                 reply = {"pid": self.sandbox_host().fork(spec, worker.ikey.sandbox_hub, theirs.fileno(), worker.label)}
