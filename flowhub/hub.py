@@ -194,6 +194,11 @@ class Hub:
         if settings.install_requirements:
             from flowhub.cache import overlays  # delayed: only overlays need the installer machinery
 
+            if settings.mode != "inprocess":  # the zygote imports oneflow while the plan is made
+                from flowhub.worker.host.pool import get_manager
+
+                manager = get_manager()
+                (manager.sandbox_host() if settings.sandbox else manager).prewarm()
             plan = overlays.plan(settings, repo_dir, label, provided=("torch",) if self.mock_torch else ())
             self.last_requirements, extra = plan.declared, plan.sys_path
             if plan.overlay is not None:

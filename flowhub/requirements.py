@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import configparser
 import dataclasses
-import importlib.metadata
 import importlib.util
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -41,6 +40,13 @@ class RepoRequirements:
 
     declared: List[Declared]
     notes: List[str] = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"declared": [dataclasses.astuple(d) for d in self.declared], "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RepoRequirements":
+        return cls([Declared(str(t), str(s), bool(i)) for t, s, i in data["declared"]], [str(n) for n in data["notes"]])
 
     def describe(self) -> str:
         """One line per source, e.g. ``setup.py install_requires: six==1.16.0, tabulate``."""
@@ -177,6 +183,10 @@ def _setup_py(repo_dir: str, notes: List[str]) -> List[str]:
     return found
 
 
+#: The files :func:`read` looks at (their stamps say when a reading is out of date).
+SOURCES = (HUBCONF, "requirements.txt", "pyproject.toml", "setup.cfg", "setup.py")
+
+
 def read(repo_dir: str) -> RepoRequirements:
     """Every requirement ``repo_dir`` declares, read without running any of its code."""
     notes: List[str] = []
@@ -193,6 +203,8 @@ def read(repo_dir: str) -> RepoRequirements:
 
 # -- what this environment lacks -----------------------------------------------------------------------
 def _installed_version(name: str) -> Optional[str]:
+    import importlib.metadata  # delayed: it costs tens of ms, and ``import flowhub`` must stay cheap
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

@@ -97,15 +97,63 @@ def find(hub_dir: str, needed: Sequence[str]) -> Optional[Overlay]:
     return Overlay(key, path, list(needed))
 
 
+def _plan_path(hub_dir: str, repo_dir: str, provided: Sequence[str]) -> str:
+    """Where the plan of ``repo_dir`` is remembered, named after everything that decides it: the stamps of
+    its requirement files, this interpreter, and the folders of its import path (installing or removing
+    a distribution changes its folder's mtime)."""
+    stamps = []
+    for name in requirements.SOURCES:
+        try:
+            st = os.stat(os.path.join(repo_dir, name))
+            stamps.append([name, st.st_mtime_ns, st.st_size, st.st_ino])
+        except OSError:
+            stamps.append([name, None])
+    cwd = os.getcwd()
+    env = []
+    for entry in sys.path:
+        if entry and os.path.isabs(entry) and entry != cwd:
+            try:
+                env.append([entry, os.stat(entry).st_mtime_ns])
+            except OSError:
+                pass
+    data = json.dumps([os.path.realpath(repo_dir), stamps, sys.executable, sys.version, sorted(provided), env])
+    return os.path.join(overlays_root(hub_dir), store.META_DIR, "plans", hashlib.sha256(data.encode()).hexdigest()[:32] + ".json")
+
+
 def plan(settings: Settings, repo_dir: str, label: str, provided: Iterable[str] = ()) -> Plan:
     """Read what ``repo_dir`` declares and make sure an overlay holds what this environment lacks
-    (installing it unless it is published already)."""
+    (installing it unless it is published already).
+
+    A warm plan is one small JSON file and two ``stat`` calls per file: the reading, the check against
+    the environment (``packaging`` and ``importlib.metadata`` alone take 50-200 ms to import here) and
+    the overlay's key are remembered under a name that changes with any of their inputs."""
+    provided = sorted(provided)
+    remembered = _plan_path(settings.hub_dir, repo_dir, provided)
+    cached = store.read_json(remembered)
+    if isinstance(cached, dict):
+        try:
+            result = Plan(requirements.RepoRequirements.from_dict(cached["declared"]), list(cached["needed"]))
+            key = cached.get("key")
+            if not result.needed:
+                return result
+            path = os.path.join(overlays_root(settings.hub_dir), str(key))
+            if key and os.path.isfile(os.path.join(path, MANIFEST)):
+                store.touch(os.path.join(path, MANIFEST))
+                result.overlay = Overlay(str(key), path, result.needed)
+                return result
+        except (KeyError, TypeError, ValueError):
+            pass  # an unreadable record: plan afresh
     declared = requirements.read(repo_dir)
     needed, refused = requirements.unsatisfied(declared, repo_dir, provided)
     declared.notes.extend(f"not installed: {r}" for r in refused)
     result = Plan(declared, needed)
     if needed:
         result.overlay = ensure(settings, needed, label)
+    try:
+        store.write_json_atomic(remembered, {"declared": declared.as_dict(), "needed": needed,
+                                             "key": result.overlay.key if result.overlay else None})
+    except OSError:  # a read-only cache still works, planning each time
+        pass
     return result
 
 
@@ -127,9 +175,10 @@ def ensure(settings: Settings, needed: Sequence[str], label: str) -> Overlay:
             return found
         staged = store.staging_dir(root)
         try:
-            installer, installed = install(needed, os.path.join(staged, SITE), label)
+            index = pip_index_options()
+            installer, installed = install(needed, os.path.join(staged, SITE), label, index)
             store.write_json_atomic(os.path.join(staged, MANIFEST), {
-                "requirements": sorted(needed), "tag": interpreter_tag(), "installer": installer,
+                "requirements": sorted(needed), "tag": interpreter_tag(), "installer": installer, "index": index,
                 "installed": installed, "for": label, "created": time.time()})
             store.publish_dir(staged, os.path.join(root, key), root)
         finally:
@@ -206,8 +255,9 @@ def installer_command(choice: str) -> List[str]:
     return [sys.executable, "-m", "pip"]
 
 
-def install(needed: Sequence[str], site: str, label: str) -> tuple:
-    """Install ``needed`` as wheels into ``site``; returns ``(installer, ["name==version", ...])``."""
+def install(needed: Sequence[str], site: str, label: str, index: Sequence[str] = ()) -> tuple:
+    """Install ``needed`` as wheels into ``site``; returns ``(installer, ["name==version", ...])``.
+    ``index``: pip's configured index as options (:func:`pip_index_options`), for uv; pip reads its own."""
     os.makedirs(site)
     constraints = os.path.join(os.path.dirname(site), "constraints.txt")
     with open(constraints, "w", encoding="utf-8") as f:
@@ -217,7 +267,7 @@ def install(needed: Sequence[str], site: str, label: str) -> tuple:
     common = ["install", "--target", site, "--only-binary", ":all:", "-c", constraints]
     if uv:
         args = command + common + ["--python", sys.executable, "--no-config", "--compile-bytecode",
-                                   "--link-mode", "copy"] + pip_index_options() + list(needed)
+                                   "--link-mode", "copy"] + list(index) + list(needed)
     else:
         args = command + common + ["--disable-pip-version-check", "--no-input", "--no-warn-script-location"] \
             + list(needed)
