@@ -10,7 +10,6 @@ run). What cannot be read that way is kept in ``notes``, never guessed.
 from __future__ import annotations
 
 import ast
-import configparser
 import dataclasses
 import importlib.util
 import os
@@ -137,6 +136,8 @@ def _pyproject(text: str, notes: List[str]) -> List[str]:
 
 
 def _setup_cfg(text: str, notes: List[str]) -> List[str]:
+    import configparser  # delayed: most repos have no setup.cfg
+
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read_string(text)
