@@ -273,8 +273,16 @@ def missing_module_error(exc: ModuleNotFoundError, repo: str, op: str, model: Op
         module = match.group(1) if match else "?"
     what = {"list": "listing its entrypoints (importing hubconf.py)",
             "help": f"help for entrypoint {model!r}"}.get(op, f"entrypoint {model!r}")
+    install = ""
     try:
-        declared = read(repo_dir).describe()
+        reqs = read(repo_dir)
+        declared = reqs.describe()
+        top = module.split(".")[0].lower().replace("_", "-")
+        for d in reqs.declared:  # the declared requirement named like the module, if any
+            name = re.split(r"[\s\[<>=!~;@(]", d.text.strip(), maxsplit=1)[0]
+            if not d.import_name and name.lower().replace("_", "-").replace(".", "-") == top:
+                install = d.text
     except Exception as read_exc:  # the error must come out whatever the repository holds
         declared = f"(could not be read: {type(read_exc).__name__})"
-    return MissingModuleError(repo=repo, entrypoint=what, module=module, declared=declared, overlays=overlays)
+    return MissingModuleError(repo=repo, entrypoint=what, module=module, declared=declared, overlays=overlays,
+                              install=install)

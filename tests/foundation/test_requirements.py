@@ -112,6 +112,7 @@ def test_missing_module_error_is_a_module_not_found_error_that_crosses_processes
     assert isinstance(err, ModuleNotFoundError) and err.name == "tabulate.x"
     assert "o/r@main: entrypoint 'net' needs the module 'tabulate.x'" in str(err)
     assert "setup.py install_requires: tabulate" in str(err)
+    assert "pip install 'tabulate'" in str(err)  # the declared requirement that provides it
     again = pickle.loads(pickle.dumps(err))
     assert type(again) is MissingModuleError and str(again) == str(err) and again.name == "tabulate.x"
     with_overlays = requirements.missing_module_error(ModuleNotFoundError("x", name="yaml"), "o/r@main", "help",

@@ -42,6 +42,7 @@ def test_missing_module_error_names_repo_entrypoint_module_and_declared_requirem
     assert "hubconf.py dependencies: oneflow" in text
     assert "partly computed" in text  # the computed append is said to be unread, not guessed
     assert "FLOWHUB_INSTALL_REQUIREMENTS=1" in text and "install_requirements=True" in text
+    assert "pip install 'six==1.16.0'" in text
     assert "--install-requirements" in text
     assert not (hub_dir / "reqs_vision_main" / "SETUP_PY_RAN").exists()  # setup.py was read, never run
     # listing imports hubconf.py, so it fails the same way, naming the operation
