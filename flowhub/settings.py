@@ -188,6 +188,30 @@ def resolve(overrides: Mapping[str, Any], env: Optional[Mapping[str, str]] = Non
     )
 
 
+# -- requirement overlays (flowhub.cache.overlays) ----------------------------------------------------
+ENV_INSTALLER = "FLOWHUB_INSTALLER"
+INSTALLERS = ("auto", "uv", "pip")
+
+
+def installer_choice(env: Optional[Mapping[str, str]] = None) -> str:
+    """``FLOWHUB_INSTALLER``: ``auto`` (uv where found, else pip; the default), ``uv`` or ``pip``."""
+    raw = ((os.environ if env is None else env).get(ENV_INSTALLER) or "auto").strip().lower()
+    if raw not in INSTALLERS:
+        raise ValueError(f"{ENV_INSTALLER}={raw!r}: use one of {', '.join(INSTALLERS)}")
+    return raw
+
+
+def uv_candidates(env: Optional[Mapping[str, str]] = None) -> List[str]:
+    """Where ``uv`` may be: ``$PATH``, then the copy ``scripts/ensure_env.sh`` keeps in
+    ``$XDG_CACHE_HOME/flowhub/uv-py310``."""
+    import shutil
+
+    env = os.environ if env is None else env
+    cache_home = os.path.expanduser(env.get(ENV_XDG_CACHE_HOME) or DEFAULT_CACHE_DIR)
+    found = shutil.which("uv", path=env.get("PATH"))
+    return [p for p in (found, os.path.join(cache_home, "flowhub", "uv-py310", "bin", "uv")) if p]
+
+
 # -- sandboxed workers ------------------------------------------------------------------------------
 #: Sandbox strengths, weakest first (``FLOWHUB_SANDBOX_MIN_STRENGTH``).
 STRENGTHS = ("weak", "partial", "strong")
@@ -315,27 +339,3 @@ def deprecated_variables(env: Optional[Mapping[str, str]] = None) -> List[str]:
     """The reference's deprecated hub variables that are set (``ONEFLOW_HUB``, ``ONEFLOW_MODEL_ZOO``)."""
     env = os.environ if env is None else env
     return [name for name in ("ONEFLOW_HUB", "ONEFLOW_MODEL_ZOO") if env.get(name)]
-
-
-# -- requirement overlays (flowhub.cache.overlays) ----------------------------------------------------
-ENV_INSTALLER = "FLOWHUB_INSTALLER"
-INSTALLERS = ("auto", "uv", "pip")
-
-
-def installer_choice(env: Optional[Mapping[str, str]] = None) -> str:
-    """``FLOWHUB_INSTALLER``: ``auto`` (uv where found, else pip; the default), ``uv`` or ``pip``."""
-    raw = ((os.environ if env is None else env).get(ENV_INSTALLER) or "auto").strip().lower()
-    if raw not in INSTALLERS:
-        raise ValueError(f"{ENV_INSTALLER}={raw!r}: use one of {', '.join(INSTALLERS)}")
-    return raw
-
-
-def uv_candidates(env: Optional[Mapping[str, str]] = None) -> List[str]:
-    """Where ``uv`` may be: ``$PATH``, then the copy ``scripts/ensure_env.sh`` keeps in
-    ``$XDG_CACHE_HOME/flowhub/uv-py310``."""
-    import shutil
-
-    env = os.environ if env is None else env
-    cache_home = os.path.expanduser(env.get(ENV_XDG_CACHE_HOME) or DEFAULT_CACHE_DIR)
-    found = shutil.which("uv", path=env.get("PATH"))
-    return [p for p in (found, os.path.join(cache_home, "flowhub", "uv-py310", "bin", "uv")) if p]
