@@ -13,7 +13,7 @@ import oneflow as flow
 import pytest
 
 from conftest import make_repo
-from flowhub import cli
+from flowhub import cli, settings
 from flowhub.errors import MissingModuleError, OfflineError, RequirementsInstallError
 from flowhub.hub import Hub
 from wheelhouse import flowvision_like, index_env, simple_index  # noqa: F401  (fixtures)
@@ -72,7 +72,9 @@ def test_overlay_loads_the_repo_and_leaves_the_caller_untouched(gh, hub_root, hu
     manifest = json.loads((hub_dir / "overlays" / key / "overlay.json").read_text())
     assert manifest["requirements"] == ["six==1.16.0", "tabulate"]
     assert sorted(manifest["installed"]) == ["six==1.16.0", "tabulate==0.9.0"]
-    assert manifest["installer"] == "uv" and manifest["index"] == ["--index-url", index_env["url"]]  # pip's index
+    uv_here = any(os.access(p, os.X_OK) for p in settings.uv_candidates())  # scripts/ensure_env.sh provides it
+    assert manifest["installer"] == ("uv" if uv_here else "pip")
+    assert manifest["index"] == ["--index-url", index_env["url"]]  # pip's configured index, which uv was given
     assert not list((hub_dir / "overlays" / ".flowhub" / "tmp").iterdir())
     # list and help see the overlay too
     assert "tiny" in hub.list("reqs/vision:main", trust_repo=True)
