@@ -282,10 +282,11 @@ def install(needed: Sequence[str], site: str, label: str, index: Sequence[str] =
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
         raise RequirementsInstallError(
-            f"{label}: its requirements {', '.join(needed)} could not be installed as wheels "
-            f"({'uv' if uv else 'pip'} exited with {proc.returncode}); nothing was installed. flowhub installs "
-            "wheels only, so no code of a dependency runs at install time: a requirement that only has a source "
-            f"distribution must be installed into this environment by you.\n{tail}")
+            f"{label}: its requirements {', '.join(needed)} could not be installed as wheels that agree with this "
+            f"environment's packages ({'uv' if uv else 'pip'} exited with {proc.returncode}); nothing was installed. "
+            "flowhub installs wheels only, so no code of a dependency runs at install time (a requirement that "
+            "only has a source distribution must be installed into this environment by you), and keeps every "
+            f"package this environment has at its version. The installer said:\n{tail}")
     return ("uv" if uv else "pip"), installed_distributions(site)
 
 

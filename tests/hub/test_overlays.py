@@ -167,6 +167,10 @@ def test_cli_flag_installs_requirements_and_list_shows_the_declared_ones(gh, hub
     assert "setup.py install_requires: six==1.16.0, tabulate" in out.err
     assert cli.main(["help", "reqs/vision:main", "tiny", "--install-requirements"]) == 0
     assert "hubconf.py dependencies: oneflow" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["load", "reqs/vision:main", "tiny", "--install-requirements", "-q"]) == 0
+    assert "(proxy: it stays in its worker)" in capsys.readouterr().out
 
 
 def test_a_sandboxed_load_gets_its_overlay_installed_by_the_caller(gh, hub_root, hub_dir, index_env):
