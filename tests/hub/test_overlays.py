@@ -157,7 +157,9 @@ def test_cache_ls_and_prune_show_and_remove_overlays(gh, hub_root, hub_dir, inde
     assert _published(hub_dir) == []
 
 
-def test_cli_flag_installs_requirements_and_list_shows_the_declared_ones(gh, hub_root, index_env, capsys):
+def test_cli_flag_installs_requirements_and_list_shows_the_declared_ones(gh, hub_root, index_env, capsys,
+                                                                        monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # `-q` below sets it in this process: undone after the test
     make_repo(hub_root, "reqs", "vision", flowvision_like())
     assert cli.main(["list", "reqs/vision:main", "--trust"]) == 1
     assert "FLOWHUB_INSTALL_REQUIREMENTS=1" in capsys.readouterr().err
