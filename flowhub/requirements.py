@@ -72,7 +72,7 @@ def _parse(path: str, notes: List[str]) -> Optional[ast.Module]:
         return None
     try:
         return ast.parse(text, filename=path)
-    except (SyntaxError, ValueError) as exc:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # a hostile file is a note, not a crash
         notes.append(f"{os.path.basename(path)} does not parse ({type(exc).__name__})")
         return None
 

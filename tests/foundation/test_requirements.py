@@ -78,9 +78,10 @@ def test_literal_install_requires_and_unreadable_files(tmp_path):
     reqs = requirements.read(repo)
     assert texts(reqs) == ["six", "tabulate"]
     assert any("not a literal list" in n for n in reqs.notes)
-    broken = write(tmp_path / "b", {"setup.py": "setup(install_requires=[\n", "pyproject.toml": "[project\n"})
+    broken = write(tmp_path / "b", {"setup.py": "setup(install_requires=[\n", "pyproject.toml": "[project\n",
+                                    "hubconf.py": "x = " + "(" * 200000 + ")" * 200000 + "\n"})
     reqs = requirements.read(broken)
-    assert reqs.declared == [] and len(reqs.notes) == 2
+    assert reqs.declared == [] and len(reqs.notes) == 3
     assert requirements.read(write(tmp_path / "c", {"hubconf.py": "def f(): pass\n"})).describe() == "(none declared)"
 
 
