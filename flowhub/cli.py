@@ -40,24 +40,35 @@ def _call_args(items: List[str]) -> Tuple[tuple, Dict[str, Any]]:
 
 
 def _hub(args: argparse.Namespace) -> Hub:
-    return Hub(hub_dir=args.hub_dir, offline=True if args.offline else None, mode=getattr(args, "mode", None))
+    return Hub(hub_dir=args.hub_dir, offline=True if args.offline else None, mode=getattr(args, "mode", None),
+               install_requirements=True if getattr(args, "install_requirements", False) else None)
 
 
 def _trust_arg(args: argparse.Namespace) -> trust.TrustArg:
     return True if args.trust else "check"
 
 
+def _declared(hub: Hub) -> str:
+    reqs = hub.last_requirements
+    return "requirements the repository declares:\n  " + (reqs.describe() if reqs else "(unknown)").replace("\n", "\n  ")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    for name in _hub(args).list(args.repo, force_reload=args.force_reload, skip_validation=args.skip_validation,
-                                trust_repo=_trust_arg(args), verbose=not args.quiet):
+    hub = _hub(args)
+    for name in hub.list(args.repo, force_reload=args.force_reload, skip_validation=args.skip_validation,
+                         trust_repo=_trust_arg(args), verbose=not args.quiet):
         print(name)
+    if not args.quiet:  # on stderr: stdout stays one entrypoint per line
+        print(_declared(hub), file=sys.stderr)
     return 0
 
 
 def cmd_help(args: argparse.Namespace) -> int:
-    doc = _hub(args).help(args.repo, args.entrypoint, force_reload=args.force_reload,
-                          skip_validation=args.skip_validation, trust_repo=_trust_arg(args))
+    hub = _hub(args)
+    doc = hub.help(args.repo, args.entrypoint, force_reload=args.force_reload,
+                   skip_validation=args.skip_validation, trust_repo=_trust_arg(args))
     print(doc if doc is not None else f"({args.entrypoint} has no docstring)")
+    print("\n" + _declared(hub))
     return 0
 
 
@@ -118,7 +129,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_lock(args: argparse.Namespace) -> int:
     call_args, call_kwargs = _call_args(args.args)
-    hub = Hub(hub_dir=args.hub_dir, offline=True if args.offline else None, mode=args.mode, lockfile=args.lockfile)
+    hub = Hub(hub_dir=args.hub_dir, offline=True if args.offline else None, mode=args.mode, lockfile=args.lockfile,
+              install_requirements=True if args.install_requirements else None)
     hub.load(args.repo, args.entrypoint, *call_args, trust_repo=_trust_arg(args), force_reload=args.force_reload,
              verbose=not args.quiet, skip_validation=args.skip_validation, **call_kwargs)
     prov = hub.last_provenance
@@ -331,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--skip-validation", action="store_true", help="do not check the ref with the GitHub API")
         p.add_argument("-q", "--quiet", action="store_true", help="no cache messages or progress bars")
         p.add_argument("--mode", choices=("inprocess", "rebuild", "proxy"), help="where hubconf code runs")
+        p.add_argument("--install-requirements", action="store_true",
+                       help="install the repository's declared requirements that this environment lacks, as wheels, "
+                       "into an overlay only its worker sees (like FLOWHUB_INSTALL_REQUIREMENTS=1)")
         return p
 
     p = repo_command("list", "list the entrypoints of a repository")

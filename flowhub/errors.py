@@ -185,3 +185,43 @@ class LockfileDriftError(IntegrityError):
 
 class DownloadTooLargeError(NetworkError, PermissionError):
     """A download announced or streamed more bytes than it may take (a sandboxed call's quota)."""
+
+
+# -- a repository's own requirements (overlays) --------------------------------------------------------
+class MissingModuleError(FlowhubError, ModuleNotFoundError):
+    """Repository code imported a module this environment lacks. ``repo`` (repo@ref), ``entrypoint``,
+    ``name`` (the module), ``declared`` (what the repository declares, one line per file) and
+    ``overlays`` (whether requirement overlays were on) make the message, which says how to get it
+    (``install``: the declared requirement that provides the module, if one does)."""
+
+    def __init__(self, message: str = "", *, repo: str = "", entrypoint: str = "", module: str = "",
+                 declared: str = "", overlays: bool = False, install: str = "") -> None:
+        super().__init__(message or module, name=module or None)
+        self.repo, self.entrypoint, self.module, self.declared, self.overlays = repo, entrypoint, module, declared, overlays
+        self.message, self.install = message, install
+
+    def __str__(self) -> str:
+        if self.message:
+            return self.message
+        head = (f"{self.repo}: {self.entrypoint} needs the module {self.module!r}, which this environment "
+                f"does not have.\nThe repository declares:\n  " + self.declared.replace("\n", "\n  "))
+        if self.overlays:
+            return (head + "\nIts declared requirements were installed in its overlay, and none of them provides "
+                    f"{self.module!r}: install the package that provides it into this environment "
+                    "(the repository does not declare it).")
+        how = f"pip install '{self.install}'" if self.install else "pip install ..."
+        return (head + f"\nTwo ways out: install the package that provides {self.module!r} into this environment "
+                f"({how}), or let flowhub install the repository's declared requirements as wheels into "
+                "an overlay that only its worker sees (your environment stays as it is): "
+                "FLOWHUB_INSTALL_REQUIREMENTS=1, Hub(install_requirements=True), or --install-requirements "
+                "on the command line.")
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_error, (type(self), self.message, {"repo": self.repo, "entrypoint": self.entrypoint,
+                                                           "module": self.module, "declared": self.declared,
+                                                           "overlays": self.overlays, "install": self.install})
+
+
+class RequirementsInstallError(FlowhubError, RuntimeError):
+    """A repository's requirements could not be installed as wheels into its overlay (nothing was
+    published), or cannot be installed at all (a direct URL, a package-index-less offline load)."""

@@ -6,14 +6,15 @@ thin wrappers over a default ``Hub``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from flowhub.cache import checkpoints, repos
-from flowhub import context, entrypoints, settings as settings_mod
+from flowhub import context, entrypoints, requirements, settings as settings_mod
 from flowhub.compare import Comparison, compare_models
-from flowhub.errors import RepoSpecError
+from flowhub.errors import MissingModuleError, RepoSpecError, RequirementsInstallError
 from flowhub.net.http import HttpClient
 from flowhub.cache.provenance import Lockfile, Provenance
 from flowhub.settings import Settings
@@ -44,9 +45,15 @@ class Hub:
         mock_torch: run torch-style hubconfs on OneFlow through ``oneflow.mock_torch`` (isolated modes).
         lockfile: path of a ``flowhub.lock``: the first load of each repo spec records its commit SHA and
             weight hashes there; later loads use exactly those and fail on any drift.
+        install_requirements: install the requirements a repo declares (hubconf ``dependencies``,
+            ``requirements.txt``, ``pyproject.toml``, ``setup.cfg``/``setup.py`` ``install_requires``, read
+            without running them) that this environment lacks, as wheels, into a cached overlay that only
+            the repo's worker sees (``FLOWHUB_INSTALL_REQUIREMENTS``); see :mod:`flowhub.cache.overlays`.
+            A repo that needs an overlay loads in proxy mode when the mode is ``"rebuild"``.
 
     After each ``load``, ``last_provenance`` says what the load was made of (commit, entrypoint,
-    arguments, weight files with their SHA-256, versions).
+    arguments, weight files with their SHA-256, versions). After ``list`` and ``help`` (and a ``load``
+    with ``install_requirements``), ``last_requirements`` holds what the repo declares.
     """
 
     def __init__(self, hub_dir: Optional[PathLike] = None, *, github_url: Optional[str] = None,
@@ -54,14 +61,17 @@ class Hub:
                  timeout: Optional[float] = None, retries: Optional[int] = None,
                  lock_timeout: Optional[float] = None, mode: Optional[str] = None,
                  worker_timeout: Optional[float] = None, sandbox: Optional[bool] = None,
-                 mock_torch: bool = False, lockfile: Optional[PathLike] = None) -> None:
+                 mock_torch: bool = False, lockfile: Optional[PathLike] = None,
+                 install_requirements: Optional[bool] = None) -> None:
         self._overrides = dict(hub_dir=os.fspath(hub_dir) if hub_dir is not None else None,
                                github_url=github_url, github_api_url=github_api_url, offline=offline,
                                timeout=timeout, retries=retries, lock_timeout=lock_timeout, mode=mode,
-                               worker_timeout=worker_timeout, sandbox=sandbox)
+                               worker_timeout=worker_timeout, sandbox=sandbox,
+                               install_requirements=install_requirements)
         self.mock_torch = mock_torch
         self.lockfile = Lockfile(os.fspath(lockfile)) if lockfile is not None else None
         self.last_provenance: Optional[Provenance] = None
+        self.last_requirements: Optional[requirements.RepoRequirements] = None
         self.settings()  # validate the explicit arguments now
 
     def settings(self) -> Settings:
@@ -88,7 +98,9 @@ class Hub:
         settings = self.settings()
         checkout = self._checkout(settings, parse_repo_spec(github), force_reload, skip_validation, trust_repo,
                                   "list", verbose)
-        return self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "list")
+        self.last_requirements = requirements.read(checkout.path)
+        return self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "list",
+                         shown=_repo_at(checkout))
 
     def help(self, github: str, model: str, force_reload: bool = False, skip_validation: bool = False,
              trust_repo: TrustArg = None) -> Optional[str]:
@@ -96,7 +108,9 @@ class Hub:
         settings = self.settings()
         checkout = self._checkout(settings, parse_repo_spec(github), force_reload, skip_validation, trust_repo,
                                   "help", True)
-        return self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "help", model)
+        self.last_requirements = requirements.read(checkout.path)
+        return self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "help", model,
+                         shown=_repo_at(checkout))
 
     def load(self, repo_or_dir: str, model: str, *args: Any, source: str = "github", trust_repo: TrustArg = None,
              force_reload: bool = False, verbose: bool = True, skip_validation: bool = False, **kwargs: Any) -> Any:
@@ -110,7 +124,7 @@ class Hub:
             requested = parse_repo_spec(repo_or_dir)
             checkout = self._checkout(settings, requested, force_reload, skip_validation, trust_repo, "load", verbose)
             result = self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "load", model,
-                               args, kwargs, refresh_weights=force_reload, weights=weights)
+                               args, kwargs, refresh_weights=force_reload, weights=weights, shown=_repo_at(checkout))
             self.last_provenance = Provenance.of_call(
                 f"{requested.owner}/{requested.repo}", requested.ref or checkout.spec.ref, checkout.sha, model, args,
                 kwargs, weights)
@@ -173,8 +187,34 @@ class Hub:
 
     def _run(self, settings: Settings, repo_dir: str, key: str, label: str, op: str, model: Optional[str] = None,
              args: tuple = (), kwargs: Optional[dict] = None, refresh_weights: bool = False,
-             weights: Optional[List[Dict[str, Any]]] = None) -> Any:
-        """Run list/help/load where the mode says; weight files the entrypoint used are appended to ``weights``."""
+             weights: Optional[List[Dict[str, Any]]] = None, shown: Optional[str] = None) -> Any:
+        """Run list/help/load where the mode says, with the repo's requirement overlay if asked for; a module
+        missing in repo code becomes a :class:`~flowhub.errors.MissingModuleError` (``shown``: repo@ref)."""
+        extra: List[str] = []
+        if settings.install_requirements:
+            from flowhub.cache import overlays  # delayed: only overlays need the installer machinery
+
+            if settings.mode != "inprocess":  # the zygote imports oneflow while the plan is made
+                from flowhub.worker.host.pool import get_manager
+
+                manager = get_manager()
+                (manager.sandbox_host() if settings.sandbox else manager).prewarm()
+            plan = overlays.plan(settings, repo_dir, label, provided=("torch",) if self.mock_torch else ())
+            self.last_requirements, extra = plan.declared, plan.sys_path
+            if plan.overlay is not None:
+                settings, key = _overlay_settings(settings, label, op), f"{key}+overlay:{plan.overlay.key}"
+        try:
+            return self._dispatch(settings, repo_dir, key, label, op, model, args, kwargs, refresh_weights, weights,
+                                  extra)
+        except MissingModuleError:
+            raise
+        except ModuleNotFoundError as exc:
+            raise requirements.missing_module_error(exc, shown or label, op, model, repo_dir,
+                                                    settings.install_requirements) from exc
+
+    def _dispatch(self, settings: Settings, repo_dir: str, key: str, label: str, op: str, model: Optional[str],
+                  args: tuple, kwargs: Optional[dict], refresh_weights: bool,
+                  weights: Optional[List[Dict[str, Any]]], extra_sys_path: List[str]) -> Any:
         expected = self.lockfile.expected_weights() if self.lockfile is not None else None
         if settings.sandbox and settings.mode == "inprocess":
             raise ValueError('sandbox=True (FLOWHUB_SANDBOX) needs a worker: use mode="proxy" or "rebuild", '
@@ -199,7 +239,7 @@ class Hub:
                                   args=tuple(args), kwargs=dict(kwargs or {}), mode=mode, sandbox=settings.sandbox,
                                   settings=context.CallSettings(settings, refresh_weights, expected),
                                   timeout=settings.worker_timeout, label=label, mock_torch=self.mock_torch,
-                                  weights=weights)
+                                  weights=weights, extra_sys_path=extra_sys_path)
 
     # -- downloads ----------------------------------------------------------------------------------
     def download_url_to_file(self, url: str, dst: PathLike, hash_prefix: Optional[str] = None,
@@ -236,6 +276,28 @@ class Hub:
         if not weights_only:
             return checkpoints.load_checkpoint(os.fspath(path), map_location, settings.lock_timeout)
         return _load_weights_only(path, map_location, settings)
+
+
+def _repo_at(checkout: repos.Checkout) -> str:
+    """``owner/repo@ref`` (and its commit), as errors name a checkout."""
+    spec = checkout.spec
+    return f"{spec.owner}/{spec.repo}@{spec.ref}" + (f" (commit {checkout.sha[:12]})" if checkout.sha else "")
+
+
+def _overlay_settings(settings: Settings, label: str, op: str) -> Settings:
+    """The settings of a call whose repo needs an overlay: never in this process (its environment stays as
+    it is), and a load in proxy mode, since a rebuilt result would need the overlay's modules here."""
+    if settings.mode == "inprocess":
+        raise RequirementsInstallError(
+            f"{label} needs requirements this environment lacks; install_requirements puts them in an overlay "
+            'that only a worker sees, so it cannot load with mode="inprocess": use mode="proxy" (or install '
+            "them into this environment).")
+    if op == "load" and settings.mode == "rebuild":
+        warnings.warn(f"{label}: its requirements are installed in an overlay that only its worker sees, so it "
+                      'loads in proxy mode (mode="proxy"): the model stays in the worker and is used through a '
+                      "proxy. Install the requirements into this environment to rebuild it here.", stacklevel=4)
+        return dataclasses.replace(settings, mode="proxy")
+    return settings
 
 
 def _untrusted_ok(settings: Settings, op: str) -> bool:

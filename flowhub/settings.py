@@ -26,6 +26,7 @@ ENV_LOCK_TIMEOUT = "FLOWHUB_LOCK_TIMEOUT"
 ENV_MODE = "FLOWHUB_MODE"
 ENV_WORKER_TIMEOUT = "FLOWHUB_WORKER_TIMEOUT"
 ENV_SANDBOX = "FLOWHUB_SANDBOX"
+ENV_INSTALL_REQUIREMENTS = "FLOWHUB_INSTALL_REQUIREMENTS"
 
 DEFAULT_GITHUB_URL = "https://github.com"
 DEFAULT_GITHUB_API_URL = "https://api.github.com"
@@ -111,6 +112,7 @@ class Settings:
     mode: str = DEFAULT_MODE
     worker_timeout: Optional[float] = None
     sandbox: bool = False
+    install_requirements: bool = False
     github_token: Optional[str] = dataclasses.field(default=None, repr=False)
 
     def to_wire(self) -> dict:
@@ -181,8 +183,33 @@ def resolve(overrides: Mapping[str, Any], env: Optional[Mapping[str, str]] = Non
         worker_timeout=_optional_seconds(pick("worker_timeout", _env_float(env, ENV_WORKER_TIMEOUT, None)),
                                          "worker_timeout", ENV_WORKER_TIMEOUT),
         sandbox=sandbox,
+        install_requirements=bool(pick("install_requirements", _env_bool(env, ENV_INSTALL_REQUIREMENTS, False))),
         github_token=env.get(ENV_GITHUB_TOKEN) or None,
     )
+
+
+# -- requirement overlays (flowhub.cache.overlays) ----------------------------------------------------
+ENV_INSTALLER = "FLOWHUB_INSTALLER"
+INSTALLERS = ("auto", "uv", "pip")
+
+
+def installer_choice(env: Optional[Mapping[str, str]] = None) -> str:
+    """``FLOWHUB_INSTALLER``: ``auto`` (uv where found, else pip; the default), ``uv`` or ``pip``."""
+    raw = ((os.environ if env is None else env).get(ENV_INSTALLER) or "auto").strip().lower()
+    if raw not in INSTALLERS:
+        raise ValueError(f"{ENV_INSTALLER}={raw!r}: use one of {', '.join(INSTALLERS)}")
+    return raw
+
+
+def uv_candidates(env: Optional[Mapping[str, str]] = None) -> List[str]:
+    """Where ``uv`` may be: ``$PATH``, then the copy ``scripts/ensure_env.sh`` keeps in
+    ``$XDG_CACHE_HOME/flowhub/uv-py310``."""
+    import shutil
+
+    env = os.environ if env is None else env
+    cache_home = os.path.expanduser(env.get(ENV_XDG_CACHE_HOME) or DEFAULT_CACHE_DIR)
+    found = shutil.which("uv", path=env.get("PATH"))
+    return [p for p in (found, os.path.join(cache_home, "flowhub", "uv-py310", "bin", "uv")) if p]
 
 
 # -- sandboxed workers ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Iterable, List, Optional
 
-from flowhub.cache import repos, store
+from flowhub.cache import overlays, repos, store
 from flowhub.cache.checkpoints import EXTRACTED_SUFFIX, SANDBOXED_DIR, file_record_path, file_sha256
 
 STALE_TEMP_SECONDS = 3600.0
@@ -18,15 +18,15 @@ STALE_TEMP_SECONDS = 3600.0
 
 @dataclasses.dataclass
 class Entry:
-    """One cache entry: a repository checkout or a weight file (with its extracted folder)."""
+    """One cache entry: a repository checkout, a weight file (with its extracted folder) or a requirement overlay."""
 
-    kind: str  # "repo" or "weights"
+    kind: str  # "repo", "weights" or "overlay"
     name: str
     path: str
     size: int
     last_used: float
-    source: str = ""  # owner/repo:ref or URL
-    sha: str = ""  # commit SHA (repo) or SHA-256 (weights)
+    source: str = ""  # owner/repo:ref, URL, or an overlay's requirements
+    sha: str = ""  # commit SHA (repo), SHA-256 (weights) or the overlay's key
     problem: str = ""  # set by verify()
 
     def as_dict(self) -> dict:
@@ -57,13 +57,13 @@ def _mtime(*paths: str) -> float:
 
 
 def scan(hub_dir: str) -> List[Entry]:
-    """All repository checkouts and weight files under ``hub_dir`` (``checkpoints/`` included)."""
+    """All repository checkouts, weight files (``checkpoints/``) and requirement overlays under ``hub_dir``."""
     entries: List[Entry] = []
     if not os.path.isdir(hub_dir):
         return entries
     for name in sorted(os.listdir(hub_dir)):
         path = os.path.join(hub_dir, name)
-        if name.startswith(".") or name == "checkpoints" or not os.path.isdir(path):
+        if name.startswith(".") or name in ("checkpoints", overlays.OVERLAYS_DIR) or not os.path.isdir(path):
             continue
         record = repos.read_entry_record(hub_dir, name) or {}
         source = f"{record['repo']}:{record['ref']}" if record.get("repo") else ""
@@ -84,6 +84,11 @@ def scan(hub_dir: str) -> List[Entry]:
             size = _tree_size(path) + (_tree_size(extracted) if os.path.isdir(extracted) else 0)
             entries.append(Entry("weights", prefix + name, path, size, _mtime(path, file_record_path(model_dir, name)),
                                  record.get("url", ""), record.get("sha256", "")))
+    for found in overlays.scan(hub_dir):
+        manifest = os.path.join(found["path"], overlays.MANIFEST)
+        installed = found["manifest"].get("installed") or found["manifest"].get("requirements") or []
+        entries.append(Entry("overlay", f"{overlays.OVERLAYS_DIR}/{found['key']}", found["path"],
+                             _tree_size(found["path"]), _mtime(manifest), ", ".join(map(str, installed)), found["key"]))
     return entries
 
 
@@ -98,6 +103,11 @@ def verify(hub_dir: str, entries: Optional[Iterable[Entry]] = None) -> List[Entr
                 entry.problem = f"size {size} differs from the {record['size']} bytes downloaded"
             elif record.get("sha256") and file_sha256(entry.path) != record["sha256"]:
                 entry.problem = "SHA-256 differs from the downloaded file's"
+        elif entry.kind == "overlay":
+            if not os.path.isfile(os.path.join(entry.path, overlays.MANIFEST)):
+                entry.problem = "its manifest is missing"
+            elif not os.path.isdir(os.path.join(entry.path, overlays.SITE)):
+                entry.problem = "its site folder is missing"
         else:
             record = repos.read_entry_record(hub_dir, entry.name) or {}
             if record.get("has_hubconf") and not os.path.isfile(os.path.join(entry.path, "hubconf.py")):
@@ -111,7 +121,11 @@ def verify(hub_dir: str, entries: Optional[Iterable[Entry]] = None) -> List[Entr
 
 def remove(hub_dir: str, entry: Entry) -> None:
     """Delete one entry and its records."""
-    if entry.kind == "repo":
+    if entry.kind == "overlay":  # workers forked later no longer find it; running ones keep what they imported
+        trash = os.path.join(store.meta_dir(hub_dir, "trash"), f"overlay-{os.path.basename(entry.path)}.{time.time_ns()}")
+        os.rename(entry.path, trash)
+        store.remove_tree(trash)
+    elif entry.kind == "repo":
         trash = os.path.join(store.meta_dir(hub_dir, "trash"), f"{entry.name}.{time.time_ns()}")
         os.rename(entry.path, trash)
         store.remove_tree(trash)
@@ -142,7 +156,7 @@ def stale_temporaries(hub_dir: str, min_age: float = STALE_TEMP_SECONDS) -> List
     """Leftovers of killed processes: staging folders, trash, ``*.partial`` files older than ``min_age``."""
     found = []
     now = time.time()
-    for root in (hub_dir, os.path.join(hub_dir, "checkpoints")):
+    for root in (hub_dir, os.path.join(hub_dir, "checkpoints"), overlays.overlays_root(hub_dir)):
         for sub in ("tmp", "trash"):
             folder = os.path.join(root, store.META_DIR, sub)
             if os.path.isdir(folder):

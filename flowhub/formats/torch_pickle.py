@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 

@@ -6,17 +6,19 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 
 class WorkerKey(NamedTuple):
-    """What makes two calls share a worker: the repository (and its folder), the torch mock, and the
-    sandbox's hub folder (``None`` unsandboxed)."""
+    """What makes two calls share a worker: the repository (and its folder), the torch mock, the
+    sandbox's hub folder (``None`` unsandboxed) and the folders put after the repository on its import
+    path (a requirement overlay)."""
 
     key: str
     repo_dir: str
     mock_torch: bool
     sandbox_hub: Optional[str]
+    extra_path: Tuple[str, ...] = ()
 
 
 class WorkerHandle:

@@ -56,7 +56,7 @@ class WorkerManager:
     def call(self, *, repo_dir: str, key: str, op: str, model: Optional[str] = None, args: tuple = (),
              kwargs: Optional[dict] = None, mode: str = "rebuild", settings: Optional[CallSettings] = None,
              timeout: Optional[float] = None, label: str = "", mock_torch: bool = False,
-             weights: Optional[list] = None, sandbox: bool = False) -> Any:
+             weights: Optional[list] = None, sandbox: bool = False, extra_sys_path: Sequence[str] = ()) -> Any:
         """Run ``op`` (``list``, ``help`` or ``load``) in the worker of ``key`` and return its result.
 
         The weight files the call used (URL, size, SHA-256) are appended to ``weights`` if given.
@@ -64,14 +64,13 @@ class WorkerManager:
         ``mode="proxy"``: the result stays in the worker; plain values, tensors and proxies come back
         (see :mod:`flowhub.worker.host.proxy`).
 
-        ``settings``: the caller's, for this call (``None``: those of the environment, read now); they
-        travel in their wire form. ``args``/``kwargs`` are sent by value (cloudpickle; tensors and numpy
-        buffers through a sealed memfd, like results). ``timeout`` (seconds, ``None`` = no limit; default
-        the settings' ``worker_timeout``, ``FLOWHUB_SANDBOX_TIMEOUT`` when sandboxed) bounds the
-        call once its worker runs. A worker whose ``hubconf.py`` changed on disk since it imported it
-        is replaced (the reference re-imports hubconf.py on every call).
+        ``settings``: the caller's (``None``: the environment's, read now). ``args``/``kwargs`` go by value
+        (cloudpickle; tensors through a sealed memfd). ``timeout`` (seconds; default ``worker_timeout``, or
+        ``FLOWHUB_SANDBOX_TIMEOUT`` sandboxed) bounds the call once its worker runs. A worker whose
+        ``hubconf.py`` changed on disk is replaced (the reference re-imports it on every call).
 
         ``sandbox=True``: a sandboxed worker from a scrubbed zygote (:mod:`flowhub.worker.host.sandbox`).
+        ``extra_sys_path``: folders after the repository on the worker's path (its requirement overlay).
         """
         if op not in OPS:
             raise ValueError(f"unknown hub operation {op!r}; expected one of {', '.join(OPS)}")
@@ -98,8 +97,9 @@ class WorkerManager:
             raise TransferError(f"{context}: the arguments cannot be sent to the worker by value "
                                 f"({type(exc).__name__}: {exc})") from None
         repo_dir = os.path.abspath(repo_dir)
-        worker = self._acquire(WorkerKey(key, os.path.realpath(repo_dir), bool(mock_torch), sandbox_hub), repo_dir,
-                               mock_torch, label)
+        extra = tuple(os.path.abspath(p) for p in extra_sys_path)
+        worker = self._acquire(WorkerKey(key, os.path.realpath(repo_dir), bool(mock_torch), sandbox_hub, extra),
+                               repo_dir, mock_torch, label)
         worker.settings = call  # for the requests a sandboxed worker makes during the call
         try:
             result, used = self._call(worker, op, model, request, timeout, context, mode, [call.settings.hub_dir])
@@ -216,7 +216,7 @@ class WorkerManager:
     def _fork(self, worker: WorkerHandle, repo_dir: str, mock_torch: bool) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         spec = {"repo_dir": repo_dir, "mock_torch": bool(mock_torch), "env": dict(os.environ),
-                "cwd": os.getcwd(), "sys_path": worker_sys_path()}
+                "cwd": os.getcwd(), "sys_path": list(worker.ikey.extra_path) + worker_sys_path()}
         try:
             if worker.ikey.sandbox_hub is not None:
                 reply = {"pid": self.sandbox_host().fork(spec, worker.ikey.sandbox_hub, theirs.fileno(), worker.label)}
