@@ -3,12 +3,14 @@
 here, a PEP 503 index of them served on loopback by a real HTTP server, and flowvision-shaped repos."""
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import os
-import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterator
@@ -52,16 +54,15 @@ def build_sdist(folder: Path, marker: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
 
 @pytest.fixture(scope="session")
 def simple_index(tmp_path_factory) -> Iterator[Dict[str, object]]:
     """A PEP 503 index (``/simple/<project>/``) of the test wheels and the sdist-only package, served by
-    ``python -m http.server`` on 127.0.0.1; yields its URL and the marker the sdist would write."""
+    ``http.server`` on 127.0.0.1 (in a thread); yields its URL and the marker the sdist would write."""
     root = tmp_path_factory.mktemp("index")
     wheels = wheel_dir()
     for req in WHEELS:
@@ -73,23 +74,15 @@ def simple_index(tmp_path_factory) -> Iterator[Dict[str, object]]:
     (root / "simple" / SDIST_ONLY).mkdir(parents=True)
     marker = tmp_path_factory.mktemp("marker") / "setup-py-ran"
     build_sdist(root / "simple" / SDIST_ONLY, marker)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                             "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="test-package-index", daemon=True)
+    thread.start()  # a thread, not a process: nothing is left for the process checks of other tests
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the loopback package index did not start")
-                time.sleep(0.05)
-        yield {"url": f"http://127.0.0.1:{port}/simple/", "marker": marker}
+        yield {"url": f"http://127.0.0.1:{server.server_address[1]}/simple/", "marker": marker}
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
