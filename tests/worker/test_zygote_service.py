@@ -256,3 +256,20 @@ def test_a_caller_no_service_can_match_uses_a_zygote_of_its_own(runtime, tmp_pat
     version, how = out.stdout.split()
     assert version == "v1" and how in ("fork", "spawn")
     assert "using a zygote of this process's own" in out.stderr
+
+
+def test_a_fork_is_answered_by_the_waiting_spare(runtime):
+    """The service keeps one worker forked ahead of time: the next fork request gets that process, and
+    a new spare is ready after it."""
+    own = WorkerManager(zygote_start="shared")
+    try:
+        own.call(repo_dir=V1, key="v1", op="load", model="version")  # the service is up
+        with own._zygote.lock:
+            spare = own._zygote.request({"op": "status"})["spare"]
+        assert spare and psutil.Process(spare).ppid() == own.zygote_pid
+        assert own.call(repo_dir=V1, key="other", op="load", model="pid") == spare
+        with own._zygote.lock:
+            after = own._zygote.request({"op": "status"})["spare"]
+        assert after and after != spare
+    finally:
+        own.shutdown()

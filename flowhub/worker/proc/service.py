@@ -59,6 +59,50 @@ class _Caller:
             self.pidfd = None
 
 
+class _Spare:
+    """A worker forked ahead of time, waiting for its first caller: a fork request is then answered at
+    once, and the next spare is forked after the reply, while the caller waits for its worker anyway."""
+
+    def __init__(self, service: "Service") -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # --- the spare ---
+            try:
+                ours.close()
+                service.close_in_child()
+                zygote_mod.parent_death_signal()
+                header, _, fds = protocol.recv_message(theirs)
+                theirs.close()
+                if header.get("op") == "become" and len(fds) in (1, 3):
+                    zygote_mod.become_worker(header.get("spec") or {}, fds[0], fds[1:])
+            except BaseException:
+                pass
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.pid, self.sock = pid, ours
+
+    def assign(self, spec: dict, fds: list) -> Optional[int]:
+        """Hand the spare its worker's spec and descriptors (closed here); None if it is gone."""
+        try:
+            protocol.send_message(self.sock, {"op": "become", "spec": spec}, fds=fds)
+        except OSError:
+            self.discard()
+            return None
+        finally:
+            protocol.close_fds(fds)
+            self.sock.close()
+        return self.pid
+
+    def discard(self) -> None:
+        self.sock.close()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
 class Service:
     """The accept-and-serve loop (runs in the service process)."""
 
@@ -72,6 +116,7 @@ class Service:
         self.started = time.time()
         self.last_active = time.monotonic()
         self.served = 0
+        self.spare: Optional[_Spare] = None
 
     def close_in_child(self) -> None:
         """In a freshly forked worker: drop the selector (a shared epoll instance a worker could edit),
@@ -146,6 +191,18 @@ class Service:
             return False
         if op == "fork":
             self.served += 1
+            if self.spare is not None and len(fds) in (1, 3):
+                spare, self.spare = self.spare, None
+                pid = spare.assign(header.get("spec") or {}, list(fds))
+                if pid is not None:
+                    caller.zygote.children.add(pid)
+                    self._send(caller, {"pid": pid})
+                    self.spare = _Spare(self)  # the next one, while this caller's worker starts
+                    return True
+                fds = ()  # closed by assign; the caller sees an error and retries
+                self._send(caller, {"error": "the prepared worker was gone"})
+                self.spare = _Spare(self)
+                return True
         reply = caller.zygote.answer(header, list(fds))
         if reply is None:  # exit: this caller is done with its workers
             self.drop(caller)
@@ -163,7 +220,8 @@ class Service:
         return {"pid": os.getpid(), "identity": self.digest, "flavour": self.flavour, "path": self.path,
                 "started": self.started, "callers": len(self.callers), "forked": self.served,
                 "workers": sum(len(c.zygote.children) for c in self.callers.values()),
-                "idle_timeout": self.idle_timeout, "accepting": self.listener is not None}
+                "idle_timeout": self.idle_timeout, "accepting": self.listener is not None,
+                "spare": self.spare.pid if self.spare is not None else None}
 
     # -- the loop -------------------------------------------------------------------------------------
     def _still_ours(self) -> bool:
@@ -197,6 +255,8 @@ class Service:
                     return
 
     def close(self) -> None:
+        if self.spare is not None:
+            self.spare.discard()
         for caller in list(self.callers.values()):
             self.drop(caller)
         if self.listener is not None:
@@ -257,6 +317,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         say({"ready": False, "error": f"cannot listen on {path}: {exc}"})
         os._exit(1)
     service = Service(listener, path, digest, idle, flavour)
+    service.spare = _Spare(service)
     say({"ready": True, "pid": os.getpid()})
     try:
         service.serve()

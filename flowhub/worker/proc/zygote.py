@@ -70,13 +70,7 @@ class Zygote:
             try:
                 self.close_in_child()
                 set_parent_death_signal(_zygote_pid, b"flowhub-worker")
-                for target, fd in zip((1, 2), output):
-                    os.dup2(fd, target)
-                    os.close(fd)
-                _prepare_worker(spec)
-                from flowhub.worker.proc import child
-
-                child.main(sock_fd, spec)
+                become_worker(spec, sock_fd, output)
             finally:
                 os._exit(70)
         for fd in (sock_fd, *output):
@@ -153,6 +147,23 @@ class Zygote:
             protocol.send_message(self.sock, reply)
 
 
+def become_worker(spec: dict, sock_fd: int, output: Sequence[int] = ()) -> None:
+    """In a fresh fork of a zygote (already detached from its sockets): take ``output`` as stdout and
+    stderr, the caller's environment, folder and path, then serve ``sock_fd``; never returns."""
+    for target, fd in zip((1, 2), output):
+        os.dup2(fd, target)
+        os.close(fd)
+    _prepare_worker(spec)
+    from flowhub.worker.proc import child
+
+    child.main(sock_fd, spec)
+
+
+def parent_death_signal(name: bytes = b"flowhub-worker") -> None:
+    """Get SIGKILL when this zygote (our parent) dies: for a process the zygote just forked."""
+    set_parent_death_signal(_zygote_pid, name)
+
+
 def _prepare_worker(spec: dict) -> None:
     """Give the fresh worker the caller's environment, folder and import path (as of the fork)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
@@ -186,6 +197,20 @@ def _reseed() -> None:
 
     np.random.seed(int.from_bytes(os.urandom(4), "little"))
     flow.seed()
+
+
+def _warm() -> Optional[str]:
+    """Run a typical load once (:mod:`flowhub.worker.proc.warmup`); a failure there is reported like an
+    import failure (captured output), since workers would fail the same way."""
+    try:
+        from flowhub.worker.proc import warmup
+
+        warmup.exercise()
+    except Exception:
+        import traceback
+
+        return traceback.format_exc()
+    return None
 
 
 def import_quietly() -> Optional[str]:
@@ -228,6 +253,8 @@ def warm_up(sandboxed: bool) -> Optional[str]:
     global _zygote_pid
     _zygote_pid = os.getpid()
     failure = import_quietly()
+    if failure is None:
+        failure = _warm()
     if failure is None and sandboxed:
         from flowhub.worker.proc import sandbox_child
 
