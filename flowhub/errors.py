@@ -180,3 +180,20 @@ class LockfileDriftError(IntegrityError):
 
 class DownloadTooLargeError(NetworkError, PermissionError):
     """A download announced or streamed more bytes than it may take (a sandboxed call's quota)."""
+
+
+class CacheWaitTimeoutError(FlowhubError, TimeoutError):
+    """A rank waited too long for the process that fills its cache entry (named, with its host)."""
+
+    def __init__(self, lock_path: str, what: str, holder: str, seconds: float) -> None:
+        super().__init__(lock_path, what, holder, seconds)
+        self.lock_path, self.what, self.holder, self.seconds = lock_path, what, holder, seconds
+
+    def __str__(self) -> str:
+        return (f"Waited {self.seconds:g} s for {self.holder}, which is {self.what} (lock {self.lock_path}), and it "
+                "is still alive and not done. Raise FLOWHUB_JOB_TIMEOUT (Hub(job_timeout=...)) if the download is "
+                "just slow; if that process is hung, stop it: once its heartbeat stops, the other ranks take over.")
+
+
+class JobError(FlowhubError, RuntimeError):
+    """A distributed job's ranks could not agree (rank 0 failed, or the job's variables are inconsistent)."""

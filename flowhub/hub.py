@@ -44,6 +44,15 @@ class Hub:
         mock_torch: run torch-style hubconfs on OneFlow through ``oneflow.mock_torch`` (isolated modes).
         lockfile: path of a ``flowhub.lock``: the first load of each repo spec records its commit SHA and
             weight hashes there; later loads use exactly those and fail on any drift.
+        cache_shared: in a distributed job, ``"1"``/``True`` if the cache is on a filesystem all nodes share,
+            ``"0"``/``False`` if each node has its own, ``"auto"`` to find out (``FLOWHUB_CACHE_SHARED``).
+        broadcast_weights: in a job, one rank reads a checkpoint and broadcasts its tensors over OneFlow's
+            collectives instead of every rank reading it (``FLOWHUB_BROADCAST_WEIGHTS``; needs the
+            checkpoint loaded in the rank's process: ``mode="inprocess"``).
+        job_timeout: seconds a rank waits for the rank that fills its cache (``FLOWHUB_JOB_TIMEOUT``).
+
+    In a job started by ``python -m oneflow.distributed.launch`` (or torchrun), every call is a collective:
+    rank 0 resolves the ref and all ranks load that commit; each cache is filled by one rank.
 
     After each ``load``, ``last_provenance`` says what the load was made of (commit, entrypoint,
     arguments, weight files with their SHA-256, versions).
@@ -54,11 +63,14 @@ class Hub:
                  timeout: Optional[float] = None, retries: Optional[int] = None,
                  lock_timeout: Optional[float] = None, mode: Optional[str] = None,
                  worker_timeout: Optional[float] = None, sandbox: Optional[bool] = None,
-                 mock_torch: bool = False, lockfile: Optional[PathLike] = None) -> None:
+                 mock_torch: bool = False, lockfile: Optional[PathLike] = None,
+                 cache_shared: Union[None, bool, str] = None, broadcast_weights: Optional[bool] = None,
+                 job_timeout: Optional[float] = None) -> None:
         self._overrides = dict(hub_dir=os.fspath(hub_dir) if hub_dir is not None else None,
                                github_url=github_url, github_api_url=github_api_url, offline=offline,
                                timeout=timeout, retries=retries, lock_timeout=lock_timeout, mode=mode,
-                               worker_timeout=worker_timeout, sandbox=sandbox)
+                               worker_timeout=worker_timeout, sandbox=sandbox, cache_shared=cache_shared,
+                               broadcast_weights=broadcast_weights, job_timeout=job_timeout)
         self.mock_torch = mock_torch
         self.lockfile = Lockfile(os.fspath(lockfile)) if lockfile is not None else None
         self.last_provenance: Optional[Provenance] = None
@@ -85,7 +97,7 @@ class Hub:
     def list(self, github: str, force_reload: bool = False, skip_validation: bool = False,
              trust_repo: TrustArg = None, verbose: bool = True) -> List[str]:
         """All public callable entrypoints in the repo's ``hubconf.py``."""
-        settings = self.settings()
+        settings = _in_job(self.settings())
         checkout = self._checkout(settings, parse_repo_spec(github), force_reload, skip_validation, trust_repo,
                                   "list", verbose)
         return self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "list")
@@ -93,7 +105,7 @@ class Hub:
     def help(self, github: str, model: str, force_reload: bool = False, skip_validation: bool = False,
              trust_repo: TrustArg = None) -> Optional[str]:
         """The docstring of entrypoint ``model``."""
-        settings = self.settings()
+        settings = _in_job(self.settings())
         checkout = self._checkout(settings, parse_repo_spec(github), force_reload, skip_validation, trust_repo,
                                   "help", True)
         return self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "help", model)
@@ -107,6 +119,7 @@ class Hub:
         weights: List[Dict[str, Any]] = []
         settings = self.settings()  # once per load: every step below sees the same settings
         if source == "github":
+            settings = _in_job(settings)
             requested = parse_repo_spec(repo_or_dir)
             checkout = self._checkout(settings, requested, force_reload, skip_validation, trust_repo, "load", verbose)
             result = self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "load", model,
@@ -163,6 +176,12 @@ class Hub:
     def _checkout(self, settings: Settings, spec: RepoSpec, force_reload: bool, skip_validation: bool,
                   trust_repo: TrustArg, calling_fn: str, verbose: bool) -> repos.Checkout:
         pinned = self.lockfile.pinned_sha(spec) if self.lockfile is not None else None
+        if settings.job_role and pinned is None:  # a rank of a job: every rank loads rank 0's commit
+            from flowhub.distributed import coordinate  # delayed: only in a job
+
+            return coordinate.checkout(settings, spec, force_reload=force_reload, skip_validation=skip_validation,
+                                       trust_repo=trust_repo, calling_fn=calling_fn, verbose=verbose,
+                                       untrusted_ok=_untrusted_ok(settings, calling_fn))
         return repos.get_checkout(HttpClient(settings), spec, force_reload=force_reload,
                                   skip_validation=skip_validation, trust_repo=trust_repo, calling_fn=calling_fn,
                                   verbose=verbose, pinned_sha=pinned, untrusted_ok=_untrusted_ok(settings, calling_fn))
@@ -232,6 +251,15 @@ class Hub:
         if not weights_only:
             return checkpoints.load_checkpoint(os.fspath(path), map_location, settings.lock_timeout)
         return _load_weights_only(path, map_location, settings)
+
+
+def _in_job(settings: Settings) -> Settings:
+    """``settings`` with this rank's role in its job's cache; unchanged (and nothing imported) outside a job."""
+    if not settings_mod.job_variables():
+        return settings
+    from flowhub.distributed import coordinate  # delayed: only in a job (it may bring OneFlow's comm up)
+
+    return coordinate.job_settings(settings)
 
 
 def _untrusted_ok(settings: Settings, op: str) -> bool:

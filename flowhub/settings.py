@@ -28,6 +28,8 @@ ENV_WORKER_TIMEOUT = "FLOWHUB_WORKER_TIMEOUT"
 ENV_SANDBOX = "FLOWHUB_SANDBOX"
 ENV_CACHE_SHARED = "FLOWHUB_CACHE_SHARED"
 ENV_BROADCAST_WEIGHTS = "FLOWHUB_BROADCAST_WEIGHTS"
+ENV_JOB_TIMEOUT = "FLOWHUB_JOB_TIMEOUT"
+DEFAULT_JOB_TIMEOUT = 600.0
 CACHE_SHARED_CHOICES = ("auto", "1", "0")
 
 DEFAULT_GITHUB_URL = "https://github.com"
@@ -116,6 +118,7 @@ class Settings:
     sandbox: bool = False
     cache_shared: str = "auto"
     broadcast_weights: bool = False
+    job_timeout: float = DEFAULT_JOB_TIMEOUT
     #: In a distributed job: "fetch" (this rank fetches for its cache) or "wait" (another rank does); see
     #: :mod:`flowhub.distributed`. Empty outside a job.
     job_role: str = ""
@@ -191,6 +194,8 @@ def resolve(overrides: Mapping[str, Any], env: Optional[Mapping[str, str]] = Non
         sandbox=sandbox,
         cache_shared=_cache_shared(pick("cache_shared", env.get(ENV_CACHE_SHARED))),
         broadcast_weights=bool(pick("broadcast_weights", _env_bool(env, ENV_BROADCAST_WEIGHTS, False))),
+        job_timeout=_seconds(pick("job_timeout", _env_float(env, ENV_JOB_TIMEOUT, DEFAULT_JOB_TIMEOUT)),
+                             "job_timeout", ENV_JOB_TIMEOUT),
         github_token=env.get(ENV_GITHUB_TOKEN) or None,
     )
 
