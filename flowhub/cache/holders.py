@@ -89,11 +89,11 @@ class Watch:
         self.info = info
         return info
 
-    def stale(self) -> bool:
-        """True if the holder is known dead, or its heartbeat stopped for :data:`STALE_AFTER` s."""
+    def stale(self, after: float = STALE_AFTER) -> bool:
+        """True if the holder is known dead, or its heartbeat stopped for ``after`` seconds."""
         if self.info is None:
             return False
-        return dead_here(self.info) or time.monotonic() - self._changed_at > STALE_AFTER
+        return dead_here(self.info) or time.monotonic() - self._changed_at > after
 
 
 @contextlib.contextmanager

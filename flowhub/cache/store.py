@@ -26,6 +26,7 @@ from flowhub.notices import notice
 META_DIR = ".flowhub"
 #: A deferring rank fetches itself when no holder shows up within this many seconds.
 NO_HOLDER_GRACE = 30.0
+_fetcher_gone = False
 
 
 def meta_dir(root: str, *parts: str) -> str:
@@ -74,18 +75,22 @@ def entry_lock(lock_path: str, timeout: float, what: str, *, done: Optional[Call
 def _wait_for_holder(lock_path: str, watch: "holders.Watch", done: Callable[[], bool], what: str,
                      wait_timeout: float) -> bool:
     """Wait for another rank to finish ``what``: True when ``done()``, False to take over (holder dead)."""
+    global _fetcher_gone
     start = time.monotonic()
     told = False
     while True:
         if done():
             return True
+        if _fetcher_gone:  # this job's fetcher died before: fetch here rather than wait for it again
+            return False
         info = watch.poll()
-        if watch.stale():
+        if watch.stale(min(holders.STALE_AFTER, max(2.0, wait_timeout / 3))):
+            _fetcher_gone = True
             warnings.warn(f"flowhub: {holders.describe(info)} stopped while {what} (its heartbeat next to {lock_path} "
                           "stopped); this process takes over.", stacklevel=4)
             return False
         waited = time.monotonic() - start
-        if info is None and waited > NO_HOLDER_GRACE:
+        if info is None and waited > min(NO_HOLDER_GRACE, wait_timeout):
             return False  # the rank meant to fetch never started: fetch it here
         if waited > wait_timeout:
             raise CacheWaitTimeoutError(lock_path, what, holders.describe(info), wait_timeout)
