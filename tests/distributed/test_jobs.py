@@ -78,10 +78,10 @@ class Launch:
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    def results(self, timeout: float = 240) -> List[dict]:
+    def results(self, timeout: float = 240, check: bool = True) -> List[dict]:
         out, err = self.proc.communicate(timeout=timeout)
         self.err = err
-        assert self.proc.returncode == 0, f"launcher rc={self.proc.returncode}\n{out}\n{err[-4000:]}"
+        assert self.proc.returncode == 0 or not check, f"launcher rc={self.proc.returncode}\n{out}\n{err[-4000:]}"
         return [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
 
     def stop(self) -> None:
@@ -199,7 +199,8 @@ def test_a_rank_killed_mid_fetch_is_taken_over_and_the_cache_stays_sound(gh, job
                                                                          hub_dir):
     """Two simulated nodes on one shared cache; rank 0 (the fetcher) is SIGKILLed while the archive
     streams. Its node's launcher ends; rank 1, on the other node, sees the holder is dead, fetches the
-    archive itself and finishes. The next job on that cache loads without fetching anything again."""
+    archive itself and finishes its load (OneFlow then aborts it at exit, as it does any rank whose master
+    died). The next job on that cache loads without fetching anything again."""
     gh.add_fault(Fault("*/legacy.zip/*", "slow", times=1, seconds=30))
     cfg = {"spec": SPEC, "url": weights_url}
     env = {"FLOWHUB_CACHE_SHARED": "1", "FLOWHUB_JOB_TIMEOUT": "20"}
@@ -211,7 +212,8 @@ def test_a_rank_killed_mid_fetch_is_taken_over_and_the_cache_stays_sound(gh, job
         os.kill(int((tmp_path / "pid-0").read_text()), signal.SIGKILL)
         nodes[0].proc.wait(timeout=60)
         assert nodes[0].proc.returncode != 0
-        survivor = nodes[1].results(timeout=120)
+        # OneFlow itself aborts a rank at exit once the job's master (rank 0) is gone: the load is what counts
+        survivor = nodes[1].results(timeout=120, check=False)
     finally:
         for node in nodes:
             node.stop()
