@@ -7,7 +7,7 @@ no comm is ever initialised. Every function is a collective: all ranks call it, 
 from __future__ import annotations
 
 import pickle
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 from flowhub.distributed.job import Job
 from flowhub.errors import JobError
@@ -49,7 +49,7 @@ def broadcast_tensors(job: Job, tensors: List[Any], specs: List[Tuple[Tuple[int,
     return out
 
 
-def comm_state(job: Dict[str, Any]) -> str:
+def comm_state() -> str:
     """For ``flowhub doctor``: whether OneFlow's comm is up in this process (never starts it)."""
     import sys
 

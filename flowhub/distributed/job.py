@@ -51,9 +51,6 @@ def _int(variables: Mapping[str, str], name: str) -> Optional[int]:
     return value
 
 
-_warned: set = set()
-
-
 def detect(env: Optional[Mapping[str, str]] = None) -> Optional[Job]:
     """The job this process is a rank of, or None (no launcher variables, a partial set, or one rank)."""
     variables = job_variables(env)
@@ -62,14 +59,11 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Optional[Job]:
         return None
     missing = [name for name in JOB_REQUIRED if name not in variables]
     if missing:
-        key = tuple(missing)
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(
-                f"flowhub: {', '.join(present)} {'is' if len(present) == 1 else 'are'} set but {', '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not, so OneFlow runs this process as rank 0 of 1 and "
-                "flowhub treats it as outside any job. Start it with python -m oneflow.distributed.launch (or "
-                f"set all of {', '.join(JOB_REQUIRED)}).", stacklevel=3)
+        warnings.warn(
+            f"flowhub: {', '.join(present)} {'is' if len(present) == 1 else 'are'} set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not, so OneFlow runs this process as rank 0 of 1 and "
+            "flowhub treats it as outside any job. Start it with python -m oneflow.distributed.launch (or "
+            f"set all of {', '.join(JOB_REQUIRED)}).", stacklevel=3)
         return None
     rank, world = _int(variables, "RANK"), _int(variables, "WORLD_SIZE")
     if world is None or rank is None or world < 1 or rank >= world:
