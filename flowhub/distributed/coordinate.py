@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional, Tuple
 
 from flowhub.cache import repos
@@ -30,6 +31,9 @@ def job_settings(settings: Settings, job: Optional[Job] = None) -> Settings:
     job = job or detect()
     if job is None:
         return settings
+    if settings.broadcast_weights and settings.mode != "inprocess":
+        warnings.warn(f"flowhub: broadcast_weights needs the checkpoint loaded in the rank's own process "
+                      f"(mode='inprocess'); with mode={settings.mode!r} each rank's worker reads it.", stacklevel=4)
     role = roles.role_for(job, settings.hub_dir, settings.cache_shared)
     return dataclasses.replace(settings, job_role="fetch" if role.fetcher == job.rank else "wait")
 

@@ -38,6 +38,8 @@ rank = int(os.environ["RANK"])
 open(os.path.join(cfg["dir"], "pid-%d" % rank), "w").write(str(os.getpid()))
 if cfg.get("home_per_node"):
     os.environ["ONEFLOW_HOME"] = os.path.join(cfg["dir"], "node-%d" % (rank - int(os.environ["LOCAL_RANK"])))
+if cfg.get("home_per_rank"):
+    os.environ["ONEFLOW_HOME"] = os.path.join(cfg["dir"], "rank-%d" % rank)
 gate = cfg.get("gate", {}).get(str(rank))
 while gate and not os.path.exists(gate):
     time.sleep(0.02)
@@ -227,3 +229,18 @@ def test_a_rank_killed_mid_fetch_is_taken_over_and_the_cache_stays_sound(gh, job
     assert_agree(again, job_repo["main"])
     assert gh.count("legacy.zip") == 0 and gh.count("/releases/download/") == 0
     assert again[0]["out"] == survivor[0]["out"]
+
+
+@pytest.mark.timeout(300)
+def test_broadcast_weights_one_rank_reads_the_checkpoint_the_others_receive_it(gh, job_repo, weights_url, tmp_path):
+    """Each rank has its own cache (the probe finds that): each fetches the small archive, but with
+    FLOWHUB_BROADCAST_WEIGHTS=1 only rank 0 fetches and reads the checkpoint; rank 1's cache never holds it,
+    and both get the same tensors."""
+    results = run_job(tmp_path, {"spec": SPEC, "url": weights_url, "home_per_rank": True}, 2,
+                      env={"FLOWHUB_BROADCAST_WEIGHTS": "1"})
+    assert_agree(results, job_repo["main"])
+    assert len({r["home"] for r in results}) == 2
+    assert gh.count("legacy.zip") == 2  # one per cache
+    assert gh.count("/releases/download/") == 1  # one per job
+    assert (tmp_path / "rank-0" / "hub" / "checkpoints").is_dir()
+    assert not (tmp_path / "rank-1" / "hub" / "checkpoints").exists()
