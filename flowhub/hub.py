@@ -255,7 +255,8 @@ class Hub:
 
 def _in_job(settings: Settings) -> Settings:
     """``settings`` with this rank's role in its job's cache; unchanged (and nothing imported) outside a job."""
-    if not settings_mod.job_variables():
+    variables = settings_mod.job_variables()
+    if not variables or variables.get("WORLD_SIZE") == "1":  # ``import oneflow`` sets WORLD_SIZE=1 outside jobs
         return settings
     from flowhub.distributed import coordinate  # delayed: only in a job (it may bring OneFlow's comm up)
 

@@ -3,7 +3,8 @@
 ``python -m oneflow.distributed.launch`` and torchrun set MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and
 LOCAL_RANK (torchrun also LOCAL_WORLD_SIZE and GROUP_RANK/NODE_RANK). OneFlow needs the first four: with
 one missing, each process silently runs as rank 0 of 1, so a partial set gets a warning naming what is
-missing, and flowhub then treats the process as outside any job.
+missing, and flowhub then treats the process as outside any job. Outside a job, ``import oneflow`` itself
+sets all four (``WORLD_SIZE=1``, ``RANK=-1``): a world of one rank is no job.
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Optional[Job]:
     if not present:
         return None
     missing = [name for name in JOB_REQUIRED if name not in variables]
+    if variables.get("WORLD_SIZE", "").strip() in ("0", "1"):
+        return None  # one rank, however the others are set
     if missing:
         warnings.warn(
             f"flowhub: {', '.join(present)} {'is' if len(present) == 1 else 'are'} set but {', '.join(missing)} "
@@ -65,12 +68,13 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Optional[Job]:
             "flowhub treats it as outside any job. Start it with python -m oneflow.distributed.launch (or "
             f"set all of {', '.join(JOB_REQUIRED)}).", stacklevel=3)
         return None
-    rank, world = _int(variables, "RANK"), _int(variables, "WORLD_SIZE")
-    if world is None or rank is None or world < 1 or rank >= world:
+    world = _int(variables, "WORLD_SIZE")
+    if world is not None and world <= 1:  # one rank (also what ``import oneflow`` sets outside a job: RANK=-1)
+        return None
+    rank = _int(variables, "RANK")
+    if world is None or rank is None or rank >= world:
         raise ValueError(f"RANK={variables['RANK']} and WORLD_SIZE={variables['WORLD_SIZE']} do not fit: the rank "
                          "must be below the world size.")
-    if world == 1:
-        return None
     node = _int(variables, "NODE_RANK")
     node = _int(variables, "GROUP_RANK") if node is None else node
     return Job(rank=rank, world_size=world, local_rank=_int(variables, "LOCAL_RANK"),

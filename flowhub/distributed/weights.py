@@ -27,7 +27,7 @@ class _Slot:
 
 
 def job_for_broadcast() -> Optional[Job]:
-    return detect() if job_variables() else None
+    return detect() if job_variables().get("WORLD_SIZE", "1") != "1" else None
 
 
 def _split(obj: Any, tensors: List[Any]) -> Any:

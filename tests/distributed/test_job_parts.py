@@ -28,6 +28,9 @@ def test_a_full_set_of_launcher_variables_is_a_job():
     assert job.master == "10.0.0.1:29500"
     assert detect({}) is None
     assert detect(dict(FULL, WORLD_SIZE="1", RANK="0")) is None  # one rank: nothing to coordinate
+    # what ``import oneflow`` itself sets outside a job
+    assert detect({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "40000", "WORLD_SIZE": "1", "RANK": "-1",
+                   "LOCAL_RANK": "0"}) is None
 
 
 @pytest.mark.parametrize("missing", ["MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"])
@@ -145,3 +148,14 @@ def test_doctor_shows_the_job_view_without_starting_comm(tmp_path):
     text = subprocess.run([sys.executable, "-m", "flowhub", "doctor"], env=dict(env, WORLD_SIZE=""),
                           capture_output=True, text=True, timeout=100).stdout
     assert "job:             none: flowhub: MASTER_ADDR, MASTER_PORT, RANK are set but WORLD_SIZE is not" in text
+
+
+def test_a_load_with_a_partial_set_warns_and_loads_as_outside_a_job(gh, example, monkeypatch, hub_dir):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):  # ``import oneflow`` may have set them here
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match="MASTER_ADDR, MASTER_PORT are not"):
+        names = flowhub.Hub(mode="inprocess").list("flowhub-examples/tiny-models:v0.1", trust_repo=True)
+    assert "tinynet" in names
+    assert not (hub_dir / ".flowhub" / "jobs").exists()  # no probe: not a job

@@ -244,3 +244,17 @@ def test_broadcast_weights_one_rank_reads_the_checkpoint_the_others_receive_it(g
     assert gh.count("/releases/download/") == 1  # one per job
     assert (tmp_path / "rank-0" / "hub" / "checkpoints").is_dir()
     assert not (tmp_path / "rank-1" / "hub" / "checkpoints").exists()
+
+
+@pytest.mark.timeout(300)
+def test_rank_0_failing_to_resolve_fails_every_rank_with_its_error(gh, job_repo, weights_url, tmp_path):
+    launch = Launch(tmp_path, {"spec": f"{SPEC}:no-such-branch", "url": weights_url}, 2, free_port())
+    try:
+        out, err = launch.proc.communicate(timeout=240)
+    finally:
+        launch.stop()
+    assert launch.proc.returncode != 0 and "RESULT" not in out
+    assert "flowhub.errors.ResolveError: Cannot find no-such-branch" in err  # rank 0's own error
+    assert "flowhub.errors.JobError: Rank 0 failed while resolving flowhub-jobs/ranked:no-such-branch, so this " \
+           "rank stops too: ResolveError: Cannot find no-such-branch" in err
+    assert gh.count("/zipball/") == 0
