@@ -4,7 +4,9 @@ Correctness never depends on a lock (NFS and Lustre may ignore them): every writ
 under a unique temp name in the same folder and publishes it with one atomic rename, and readers
 only trust what exists under its final name. Locks only keep concurrent processes from downloading
 the same thing twice. ``flock`` locks die with their holder, and a lock still held after
-``FLOWHUB_LOCK_TIMEOUT`` seconds is ignored with a warning rather than waited on forever.
+``FLOWHUB_LOCK_TIMEOUT`` seconds is ignored with a warning rather than waited on forever; sooner when
+the holder file next to it (:mod:`flowhub.cache.holders`) shows its holder dead, as a lock left on a
+shared filesystem by a host that died does.
 """
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ def barrier(job: Job) -> None:
     _flow(job).comm.barrier()
 
 
-def broadcast_tensors(job: Job, tensors: List[Any], specs: List[Tuple[Tuple[int, ...], str]], src: int = 0) -> List[Any]:
+def broadcast_tensors(job: Job, tensors: List[Any], specs: List[Tuple[Tuple[int, ...], str]],
+                      src: int = 0) -> List[Any]:
     """Tensors of rank ``src`` on every rank: ``src`` passes them, the others get new ones of ``specs``
     (shape, dtype name) filled in place by ``flow.comm.broadcast``."""
     flow = _flow(job)
@@ -43,7 +44,8 @@ def broadcast_tensors(job: Job, tensors: List[Any], specs: List[Tuple[Tuple[int,
         if job.rank == src:
             tensor = tensors[i].contiguous()
         else:
-            tensor = flow.empty(*shape, dtype=getattr(flow, dtype)) if shape else flow.tensor(0, dtype=getattr(flow, dtype))
+            kind = getattr(flow, dtype)
+            tensor = flow.empty(*shape, dtype=kind) if shape else flow.tensor(0, dtype=kind)
         flow.comm.broadcast(tensor, src)
         out.append(tensor)
     return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import uuid
 from typing import Dict, List, Tuple
@@ -76,7 +75,3 @@ def role_for(job: Job, hub_dir: str, cache_shared: str) -> CacheRole:
     if key not in _known:
         _known[key] = probe(job, hub_dir)
     return _known[key]
-
-
-def describe(role: CacheRole) -> str:
-    return json.dumps(dataclasses.asdict(role))
