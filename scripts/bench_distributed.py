@@ -4,8 +4,9 @@
 The model and its zipped checkpoint are bench_pretrained's (150 x ``Linear(817, 817)``, 300 tensors),
 served by the loopback server; every contender starts from an empty cache, so each load includes the
 downloads. Per job it reports the file bytes the ranks read during their loads (``rchar`` of
-``/proc/<pid>/io``, which counts ``read()`` calls on files but not socket traffic, plus the resident pages
-of cache files each rank has mapped) and the wall time from the ranks' common start (a barrier) to the
+``/proc/<pid>/io``: ``read()`` calls, less the tensor bytes a rank received over OneFlow's comm, whose
+socket reads rchar counts too (requests' ``recv`` is not counted); plus the size of every cache file
+mapping a rank made, seen by an audit hook, since a load reads every page it maps) and the wall time from the ranks' common start (a barrier) to the
 last rank holding a usable model:
 
 * ``reference``: each rank runs the in-process ``oneflow.hub.load`` (its own hub folder: the reference
@@ -50,19 +51,19 @@ def rchar():
     with open("/proc/self/io") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("rchar"))
 
-def mapped_cache_bytes():
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            first = line.split(None, 1)[0]
-            if "-" in first and not first.endswith(":"):
-                parts = line.split()
-                inside = len(parts) >= 6 and os.path.realpath(parts[5]).startswith(home + os.sep)
-            elif inside and first == "Rss:":
-                total += int(line.split()[1]) * 1024
-    return total
+mapped = [0]
 
-if "WORLD_SIZE" in os.environ:
+def audit(event, args):  # every mapping of a cache file: its pages are all read by the load that maps them
+    if event == "mmap.__new__" and args[0] >= 0:
+        try:
+            path = os.path.realpath(os.readlink("/proc/self/fd/%d" % args[0]))
+            if path.startswith(home + os.sep):
+                mapped[0] += args[1] or os.fstat(args[0]).st_size - args[3]
+        except OSError:
+            pass
+
+sys.addaudithook(audit)
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
     flow.comm.barrier()
 start, before = time.time(), rchar()
 if how == "reference":
@@ -72,7 +73,9 @@ else:
                                                                                        trust_repo=True)
 model[0](flow.ones(1, __WIDTH__)).numpy()
 end = time.time()
-read = rchar() - before + mapped_cache_bytes()
+# OneFlow's comm reads its sockets with read(), which rchar counts: take off what the broadcast brought
+received = sum(v.numel() * 4 for v in model.state_dict().values()) if how == "flowhub+bcast" and rank else 0
+read = rchar() - before - received + mapped[0]
 with open(os.path.join(out, "%s-%d.json" % (how, rank)), "w") as f:
     json.dump({"start": start, "end": end, "read": read, "sum": float(model[-1].weight.sum())}, f)
 '''.replace("__WIDTH__", str(bench_pretrained.WIDTH))
@@ -95,7 +98,10 @@ def build(root: str) -> str:
 
 
 def run(how: str, target: str, url: str, root: str, out: str, ranks: int) -> list:
-    env = dict(os.environ, ONEFLOW_HOME=os.path.join(root, f"home-{how}-{ranks}"), GLOG_minloglevel="2")
+    from flowhub.settings import worker_environ  # without the variables ``import oneflow`` set here (RANK=-1...)
+
+    env = dict(worker_environ(os.environ), ONEFLOW_HOME=os.path.join(root, f"home-{how}-{ranks}"),
+               GLOG_minloglevel="2")
     os.makedirs(out, exist_ok=True)
     script = os.path.join(root, "rank.py")
     Path(script).write_text(RUN)
