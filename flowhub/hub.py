@@ -166,7 +166,8 @@ class Hub:
             names = hub.list(repo, force_reload=force_reload, skip_validation=skip_validation, trust_repo=trust_repo)
             return names, hub.load(repo, model, *args, trust_repo=trust_repo, skip_validation=skip_validation, **kwargs)
 
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        in_job = settings_mod.job_variables().get("WORLD_SIZE", "1") != "1"  # collectives: same order on all ranks
+        with ThreadPoolExecutor(max_workers=1 if in_job else 2) as pool:
             (names_a, obj_a), (names_b, obj_b) = pool.map(side, (repo_a, repo_b))
         result = Comparison(a=repo_a, b=repo_b, entrypoint=model,
                             entrypoints_added=sorted(set(names_b) - set(names_a)),

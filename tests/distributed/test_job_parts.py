@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 
 import pytest
 
@@ -82,19 +81,17 @@ time.sleep(120)
 def test_a_lock_left_by_a_dead_host_does_not_hang_the_waiter(tmp_path):
     """The lock stays held (as an NFS lock of a host that died can), and its holder file names another
     host whose heartbeat stopped: the waiter goes on after the stale time, far below the lock timeout,
-    and says who held it."""
+    and says who held it (the lock timeout, 600 s, is far beyond the test's own timeout)."""
     lock = str(tmp_path / "entry.lock")
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, lock], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with open(holders.holder_path(lock), "w") as f:
             json.dump({"host": "node-that-died", "pid": 4242, "rank": 3, "since": time.time(), "id": "x"}, f)
-        start = time.monotonic()
         with pytest.warns(UserWarning, match="pid 4242 on host node-that-died \\(rank 3\\).*dead or stalled"):
             with store.entry_lock(lock, 600, "downloading a thing") as got:
                 assert got is False  # went on without the lock
                 assert holders.read(lock)["host"] == socket.gethostname()  # and says it holds the entry now
-        assert time.monotonic() - start < 60
     finally:
         holder.kill()
         holder.wait()
