@@ -46,8 +46,10 @@ while gate and not os.path.exists(gate):
 import flowhub
 hub = flowhub.Hub(mode=cfg.get("mode", "inprocess"))
 out = hub.load(cfg["spec"], "summed", cfg["url"], trust_repo=True)
-print("RESULT " + json.dumps({"rank": rank, "sha": hub.last_provenance.sha, "out": out,
-                              "home": os.environ["ONEFLOW_HOME"]}), flush=True)
+result = json.dumps({"rank": rank, "sha": hub.last_provenance.sha, "out": out, "home": os.environ["ONEFLOW_HOME"]})
+with open(os.path.join(cfg["dir"], "result-%d.json.tmp" % rank), "w") as f:  # ranks share stdout: a file each
+    f.write(result)
+os.replace(os.path.join(cfg["dir"], "result-%d.json.tmp" % rank), os.path.join(cfg["dir"], "result-%d.json" % rank))
 '''
 
 
@@ -77,6 +79,7 @@ class Launch:
         cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc), "--nnodes",
                str(nnodes), "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
                str(script), json.dumps(dict(cfg, dir=str(tmp_path)))]
+        self.dir, self.ranks = tmp_path, range(node_rank * nproc, (node_rank + 1) * nproc)
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -84,7 +87,8 @@ class Launch:
         out, err = self.proc.communicate(timeout=timeout)
         self.err = err
         assert self.proc.returncode == 0 or not check, f"launcher rc={self.proc.returncode}\n{out}\n{err[-4000:]}"
-        return [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+        done = [self.dir / f"result-{rank}.json" for rank in self.ranks]
+        return [json.loads(path.read_text()) for path in done if path.exists()]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -253,7 +257,7 @@ def test_rank_0_failing_to_resolve_fails_every_rank_with_its_error(gh, job_repo,
         out, err = launch.proc.communicate(timeout=240)
     finally:
         launch.stop()
-    assert launch.proc.returncode != 0 and "RESULT" not in out
+    assert launch.proc.returncode != 0 and not list(tmp_path.glob("result-*"))
     assert "flowhub.errors.ResolveError: Cannot find no-such-branch" in err  # rank 0's own error
     assert "flowhub.errors.JobError: Rank 0 failed while resolving flowhub-jobs/ranked:no-such-branch, so this " \
            "rank stops too: ResolveError: Cannot find no-such-branch" in err
