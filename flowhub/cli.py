@@ -235,7 +235,14 @@ def doctor_info(hub_dir: Optional[str] = None) -> Dict[str, Any]:
     return {"zygote": zygote, "zygote_report": service.describe_report(zygote), "flowhub": __version__, "python": platform.python_version(), "executable": sys.executable,
             "oneflow": oneflow_version(), "platform": platform.platform(), "uid": os.getuid(),
             "hub_dir": settings.hub_dir, "mode": settings.mode, "sandbox_enabled": settings.sandbox,
-            "sandbox_limits": limits, "sandbox": report.as_dict(), "report": sandbox.format_report(report)}
+            "sandbox_limits": limits, "sandbox": report.as_dict(), "report": sandbox.format_report(report),
+            "job": _job_view(settings)}
+
+
+def _job_view(settings: Any) -> Dict[str, Any]:
+    from flowhub.distributed.view import job_view  # delayed: only doctor needs it; it starts no comm
+
+    return job_view(settings)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -258,6 +265,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print(f"sandbox limits:   {limits}")
     print(info["report"])
+    job = info["job"]
+    if job["in_job"]:
+        print(f"job:             rank {job['rank']} of {job['world_size']} (local rank {job['local_rank']}, "
+              f"node {job['node_rank']}) on {job['host']}, master {job['master']}")
+    else:
+        print("job:             none (no launcher variables)" if not job["variables"] else
+              f"job:             none: {job.get('warning', '')}")
+    print(f"job cache:       {job['cache']}")
+    print(f"job comm:        {job['comm']}")
     return 0
 
 

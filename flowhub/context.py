@@ -162,8 +162,24 @@ def load_state_dict_from_url(url: str, model_dir: Any = None, map_location: Any 
     settings = _settings(settings)
     ctx = current()
     refresh = ctx.claim_refresh if ctx is not None else (lambda path: False)
-    cached, fingerprint = _downloads.fetch_weights(settings, url, None if model_dir is None else os.fspath(model_dir),
-                                                   progress, check_hash, file_name, refresh)
+
+    def fetch() -> Tuple[str, Fingerprint]:
+        return _downloads.fetch_weights(settings, url, None if model_dir is None else os.fspath(model_dir),
+                                        progress, check_hash, file_name, refresh)
+
+    if settings.broadcast_weights and not weights_only and not sandboxed_downloads():
+        from flowhub.distributed import weights as job_weights  # delayed: only with broadcast_weights
+
+        job = job_weights.job_for_broadcast()
+        if job is not None:  # rank 0 fetches and reads it, the other ranks receive its tensors
+            def read() -> Tuple[Any, Fingerprint]:
+                path, fp = fetch()
+                return checkpoints.load_checkpoint(path, map_location, settings.lock_timeout), fp
+
+            obj, fingerprint = job_weights.broadcast_load(job, read, map_location)
+            _note(fingerprint)
+            return obj
+    cached, fingerprint = fetch()
     _note(fingerprint)
     if weights_only:
         if _weights_only_loader is None:

@@ -225,3 +225,20 @@ class MissingModuleError(FlowhubError, ModuleNotFoundError):
 class RequirementsInstallError(FlowhubError, RuntimeError):
     """A repository's requirements could not be installed as wheels into its overlay (nothing was
     published), or cannot be installed at all (a direct URL, a package-index-less offline load)."""
+
+
+class CacheWaitTimeoutError(FlowhubError, TimeoutError):
+    """A rank waited too long for the process that fills its cache entry (named, with its host)."""
+
+    def __init__(self, lock_path: str, what: str, holder: str, seconds: float) -> None:
+        super().__init__(lock_path, what, holder, seconds)
+        self.lock_path, self.what, self.holder, self.seconds = lock_path, what, holder, seconds
+
+    def __str__(self) -> str:
+        return (f"Waited {self.seconds:g} s for {self.holder}, which is {self.what} (lock {self.lock_path}), and it "
+                "is still alive and not done. Raise FLOWHUB_JOB_TIMEOUT (Hub(job_timeout=...)) if the download is "
+                "just slow; if that process is hung, stop it: once its heartbeat stops, the other ranks take over.")
+
+
+class JobError(FlowhubError, RuntimeError):
+    """A distributed job's ranks could not agree (rank 0 failed, or the job's variables are inconsistent)."""

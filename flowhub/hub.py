@@ -50,6 +50,15 @@ class Hub:
             without running them) that this environment lacks, as wheels, into a cached overlay that only
             the repo's worker sees (``FLOWHUB_INSTALL_REQUIREMENTS``); see :mod:`flowhub.cache.overlays`.
             A repo that needs an overlay loads in proxy mode when the mode is ``"rebuild"``.
+        cache_shared: in a distributed job, ``"1"``/``True`` if the cache is on a filesystem all nodes share,
+            ``"0"``/``False`` if each node has its own, ``"auto"`` to find out (``FLOWHUB_CACHE_SHARED``).
+        broadcast_weights: in a job, one rank reads a checkpoint and broadcasts its tensors over OneFlow's
+            collectives instead of every rank reading it (``FLOWHUB_BROADCAST_WEIGHTS``; needs the
+            checkpoint loaded in the rank's process: ``mode="inprocess"``).
+        job_timeout: seconds a rank waits for the rank that fills its cache (``FLOWHUB_JOB_TIMEOUT``).
+
+    In a job started by ``python -m oneflow.distributed.launch`` (or torchrun), every call is a collective:
+    rank 0 resolves the ref and all ranks load that commit; each cache is filled by one rank.
 
     After each ``load``, ``last_provenance`` says what the load was made of (commit, entrypoint,
     arguments, weight files with their SHA-256, versions). After ``list`` and ``help`` (and a ``load``
@@ -62,12 +71,14 @@ class Hub:
                  lock_timeout: Optional[float] = None, mode: Optional[str] = None,
                  worker_timeout: Optional[float] = None, sandbox: Optional[bool] = None,
                  mock_torch: bool = False, lockfile: Optional[PathLike] = None,
-                 install_requirements: Optional[bool] = None) -> None:
+                 install_requirements: Optional[bool] = None, cache_shared: Union[None, bool, str] = None,
+                 broadcast_weights: Optional[bool] = None, job_timeout: Optional[float] = None) -> None:
         self._overrides = dict(hub_dir=os.fspath(hub_dir) if hub_dir is not None else None,
                                github_url=github_url, github_api_url=github_api_url, offline=offline,
                                timeout=timeout, retries=retries, lock_timeout=lock_timeout, mode=mode,
                                worker_timeout=worker_timeout, sandbox=sandbox,
-                               install_requirements=install_requirements)
+                               install_requirements=install_requirements, cache_shared=cache_shared,
+                               broadcast_weights=broadcast_weights, job_timeout=job_timeout)
         self.mock_torch = mock_torch
         self.lockfile = Lockfile(os.fspath(lockfile)) if lockfile is not None else None
         self.last_provenance: Optional[Provenance] = None
@@ -95,7 +106,7 @@ class Hub:
     def list(self, github: str, force_reload: bool = False, skip_validation: bool = False,
              trust_repo: TrustArg = None, verbose: bool = True) -> List[str]:
         """All public callable entrypoints in the repo's ``hubconf.py``."""
-        settings = self.settings()
+        settings = _in_job(self.settings())
         checkout = self._checkout(settings, parse_repo_spec(github), force_reload, skip_validation, trust_repo,
                                   "list", verbose)
         self.last_requirements = requirements.read(checkout.path)
@@ -105,7 +116,7 @@ class Hub:
     def help(self, github: str, model: str, force_reload: bool = False, skip_validation: bool = False,
              trust_repo: TrustArg = None) -> Optional[str]:
         """The docstring of entrypoint ``model``."""
-        settings = self.settings()
+        settings = _in_job(self.settings())
         checkout = self._checkout(settings, parse_repo_spec(github), force_reload, skip_validation, trust_repo,
                                   "help", True)
         self.last_requirements = requirements.read(checkout.path)
@@ -121,6 +132,7 @@ class Hub:
         weights: List[Dict[str, Any]] = []
         settings = self.settings()  # once per load: every step below sees the same settings
         if source == "github":
+            settings = _in_job(settings)
             requested = parse_repo_spec(repo_or_dir)
             checkout = self._checkout(settings, requested, force_reload, skip_validation, trust_repo, "load", verbose)
             result = self._run(settings, checkout.path, self._worker_key(checkout), str(checkout.spec), "load", model,
@@ -167,7 +179,8 @@ class Hub:
             names = hub.list(repo, force_reload=force_reload, skip_validation=skip_validation, trust_repo=trust_repo)
             return names, hub.load(repo, model, *args, trust_repo=trust_repo, skip_validation=skip_validation, **kwargs)
 
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        in_job = settings_mod.job_variables().get("WORLD_SIZE", "1") != "1"  # collectives: same order on all ranks
+        with ThreadPoolExecutor(max_workers=1 if in_job else 2) as pool:
             (names_a, obj_a), (names_b, obj_b) = pool.map(side, (repo_a, repo_b))
         result = Comparison(a=repo_a, b=repo_b, entrypoint=model,
                             entrypoints_added=sorted(set(names_b) - set(names_a)),
@@ -177,6 +190,12 @@ class Hub:
     def _checkout(self, settings: Settings, spec: RepoSpec, force_reload: bool, skip_validation: bool,
                   trust_repo: TrustArg, calling_fn: str, verbose: bool) -> repos.Checkout:
         pinned = self.lockfile.pinned_sha(spec) if self.lockfile is not None else None
+        if settings.job_role and pinned is None:  # a rank of a job: every rank loads rank 0's commit
+            from flowhub.distributed import coordinate  # delayed: only in a job
+
+            return coordinate.checkout(settings, spec, force_reload=force_reload, skip_validation=skip_validation,
+                                       trust_repo=trust_repo, calling_fn=calling_fn, verbose=verbose,
+                                       untrusted_ok=_untrusted_ok(settings, calling_fn))
         return repos.get_checkout(HttpClient(settings), spec, force_reload=force_reload,
                                   skip_validation=skip_validation, trust_repo=trust_repo, calling_fn=calling_fn,
                                   verbose=verbose, pinned_sha=pinned, untrusted_ok=_untrusted_ok(settings, calling_fn))
@@ -298,6 +317,16 @@ def _overlay_settings(settings: Settings, label: str, op: str) -> Settings:
                       "proxy. Install the requirements into this environment to rebuild it here.", stacklevel=4)
         return dataclasses.replace(settings, mode="proxy")
     return settings
+
+
+def _in_job(settings: Settings) -> Settings:
+    """``settings`` with this rank's role in its job's cache; unchanged (and nothing imported) outside a job."""
+    variables = settings_mod.job_variables()
+    if not variables or variables.get("WORLD_SIZE") == "1":  # ``import oneflow`` sets WORLD_SIZE=1 outside jobs
+        return settings
+    from flowhub.distributed import coordinate  # delayed: only in a job (it may bring OneFlow's comm up)
+
+    return coordinate.job_settings(settings)
 
 
 def _untrusted_ok(settings: Settings, op: str) -> bool:

@@ -27,6 +27,11 @@ ENV_MODE = "FLOWHUB_MODE"
 ENV_WORKER_TIMEOUT = "FLOWHUB_WORKER_TIMEOUT"
 ENV_SANDBOX = "FLOWHUB_SANDBOX"
 ENV_INSTALL_REQUIREMENTS = "FLOWHUB_INSTALL_REQUIREMENTS"
+ENV_CACHE_SHARED = "FLOWHUB_CACHE_SHARED"
+ENV_BROADCAST_WEIGHTS = "FLOWHUB_BROADCAST_WEIGHTS"
+ENV_JOB_TIMEOUT = "FLOWHUB_JOB_TIMEOUT"
+DEFAULT_JOB_TIMEOUT = 600.0
+CACHE_SHARED_CHOICES = ("auto", "1", "0")
 
 DEFAULT_GITHUB_URL = "https://github.com"
 DEFAULT_GITHUB_API_URL = "https://api.github.com"
@@ -113,6 +118,12 @@ class Settings:
     worker_timeout: Optional[float] = None
     sandbox: bool = False
     install_requirements: bool = False
+    cache_shared: str = "auto"
+    broadcast_weights: bool = False
+    job_timeout: float = DEFAULT_JOB_TIMEOUT
+    #: In a distributed job: "fetch" (this rank fetches for its cache) or "wait" (another rank does); see
+    #: :mod:`flowhub.distributed`. Empty outside a job.
+    job_role: str = ""
     github_token: Optional[str] = dataclasses.field(default=None, repr=False)
 
     def to_wire(self) -> dict:
@@ -184,6 +195,10 @@ def resolve(overrides: Mapping[str, Any], env: Optional[Mapping[str, str]] = Non
                                          "worker_timeout", ENV_WORKER_TIMEOUT),
         sandbox=sandbox,
         install_requirements=bool(pick("install_requirements", _env_bool(env, ENV_INSTALL_REQUIREMENTS, False))),
+        cache_shared=_cache_shared(pick("cache_shared", env.get(ENV_CACHE_SHARED))),
+        broadcast_weights=bool(pick("broadcast_weights", _env_bool(env, ENV_BROADCAST_WEIGHTS, False))),
+        job_timeout=_seconds(pick("job_timeout", _env_float(env, ENV_JOB_TIMEOUT, DEFAULT_JOB_TIMEOUT)),
+                             "job_timeout", ENV_JOB_TIMEOUT),
         github_token=env.get(ENV_GITHUB_TOKEN) or None,
     )
 
@@ -210,6 +225,37 @@ def uv_candidates(env: Optional[Mapping[str, str]] = None) -> List[str]:
     cache_home = os.path.expanduser(env.get(ENV_XDG_CACHE_HOME) or DEFAULT_CACHE_DIR)
     found = shutil.which("uv", path=env.get("PATH"))
     return [p for p in (found, os.path.join(cache_home, "flowhub", "uv-py310", "bin", "uv")) if p]
+
+
+def _cache_shared(value: Any) -> str:
+    """``Hub(cache_shared=...)`` / ``FLOWHUB_CACHE_SHARED`` as "auto", "1" (shared) or "0" (node-local)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "auto"
+    text = {True: "1", False: "0"}.get(value, str(value)) if isinstance(value, bool) else str(value).strip().lower()
+    text = {"true": "1", "yes": "1", "shared": "1", "false": "0", "no": "0", "local": "0"}.get(text, text)
+    if text not in CACHE_SHARED_CHOICES:
+        raise ValueError(f"cache_shared={value!r}: use auto, 1 (the cache is on a filesystem every node shares) "
+                         f"or 0 (each node has its own cache); Hub(cache_shared=...) or {ENV_CACHE_SHARED}.")
+    return text
+
+
+# -- distributed jobs (the launcher's variables) -----------------------------------------------------
+#: What ``python -m oneflow.distributed.launch`` (and torchrun) set; all four of the first are needed.
+JOB_REQUIRED = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+JOB_OPTIONAL = ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
+#: Never passed on to worker processes: a worker that imported oneflow with them would try to join the job.
+JOB_VARIABLES = JOB_REQUIRED + JOB_OPTIONAL
+
+
+def job_variables(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The launcher's variables that are set (see :mod:`flowhub.distributed.job`)."""
+    env = os.environ if env is None else env
+    return {name: env[name] for name in JOB_REQUIRED + JOB_OPTIONAL if env.get(name, "").strip()}
+
+
+def worker_environ(env: Mapping[str, str]) -> Dict[str, str]:
+    """``env`` for a worker process: without the launcher's variables (the worker is no rank of the job)."""
+    return {k: v for k, v in env.items() if k not in JOB_VARIABLES}
 
 
 # -- sandboxed workers ------------------------------------------------------------------------------

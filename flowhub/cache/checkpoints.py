@@ -198,7 +198,7 @@ def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: boo
             raise ValueError(f"Cannot name the file for {url!r:.200} from its path: pass file_name=...") from None
     os.makedirs(model_dir, exist_ok=True)
     cached = os.path.join(model_dir, filename)
-    force = bool(refresh and os.path.exists(cached) and refresh(cached))
+    force = bool(refresh and client.settings.job_role != "wait" and os.path.exists(cached) and refresh(cached))
     if not force and _cached_checkpoint_ok(model_dir, filename):
         store.touch(file_record_path(model_dir, filename))
         return cached
@@ -210,7 +210,10 @@ def fetch_weights(client: HttpClient, url: str, model_dir: str, *, progress: boo
         match = HASH_REGEX.search(filename)
         hash_prefix = match.group(1) if match else None
     lock = os.path.join(store.meta_dir(model_dir, "locks"), store.lock_name(filename))
-    with store.entry_lock(lock, client.settings.lock_timeout, f"downloading {filename}"):
+    waiting = client.settings.job_role == "wait" and not force  # another rank of the job fetches it
+    with store.entry_lock(lock, client.settings.lock_timeout, f"downloading {filename}", defer=waiting,
+                          done=(lambda: _cached_checkpoint_ok(model_dir, filename)) if not force else None,
+                          wait_timeout=client.settings.job_timeout):
         if not force and _cached_checkpoint_ok(model_dir, filename):
             return cached
         notice(f'Downloading: "{url}" to {cached}')

@@ -21,7 +21,7 @@ import dataclasses
 import os
 import time
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 from flowhub.cache import archive, store, trust
 from flowhub.net import github
@@ -161,13 +161,17 @@ _AMBIGUOUS = ("The ref {0} is ambiguous. Perhaps it is both a tag and a branch i
 
 def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = False, skip_validation: bool = False,
                  trust_repo: trust.TrustArg = None, calling_fn: str = "load", verbose: bool = True,
-                 pinned_sha: Optional[str] = None, untrusted_ok: bool = False) -> Checkout:
+                 pinned_sha: Optional[str] = None, untrusted_ok: bool = False,
+                 resolved_sha: Optional[str] = None) -> Checkout:
     """Return the cached checkout of ``spec``, downloading and publishing it first if needed.
 
     With ``pinned_sha`` (from a lockfile) the result is exactly that commit: the ref's folder if it
     holds that commit, else a folder named after the SHA, fetched by SHA after the same check as a
     SHA ref (a lockfile cannot pin a commit that only exists in a fork, unless ``skip_validation``).
     ``untrusted_ok``: see :func:`flowhub.cache.trust.check_trust` (a sandboxed call).
+    ``resolved_sha`` (a job's ranks agreed on it, see :mod:`flowhub.distributed`): the ref's folder if it
+    holds that commit, else that commit fetched by SHA into it; with ``settings.job_role == "wait"`` another
+    rank fetches it and this one waits for it (bounded, see :func:`flowhub.cache.store.entry_lock`).
     """
     hub_dir = client.settings.hub_dir
     os.makedirs(hub_dir, exist_ok=True)
@@ -186,6 +190,8 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
 
     folder = spec.dir_name(ref)
     index = RefIndex(hub_dir, spec)
+    if resolved_sha:
+        return _agreed_checkout(client, spec, ref, folder, index, resolved_sha, force_reload, verbose)
     existing = store.find_case_insensitive(hub_dir, folder)
     if existing and not force_reload and _is_complete(hub_dir, existing):
         if verbose:
@@ -208,6 +214,64 @@ def get_checkout(client: HttpClient, spec: RepoSpec, *, force_reload: bool = Fal
                                  checked_sha=checked.sha if checked else None, pinned_sha=pinned_sha)
         sha = sha or (checked.sha if checked else None)
     index.update(ref=ref, sha=sha, validated_via=checked.via if checked else None)
+    return Checkout(final, spec, sha)
+
+
+def resolve_commit(client: HttpClient, spec: RepoSpec, *, force_reload: bool = False, skip_validation: bool = False,
+                   trust_repo: trust.TrustArg = None, calling_fn: str = "load",
+                   untrusted_ok: bool = False) -> Tuple[str, Optional[str]]:
+    """``(ref, commit SHA)`` a load of ``spec`` would use, without fetching: the cached folder's commit on a
+    hit (the reference reuses a cached branch), else the ref checked against the server. The SHA is None
+    when only the archive can tell (``skip_validation`` on a cold cache)."""
+    hub_dir = client.settings.hub_dir
+    os.makedirs(hub_dir, exist_ok=True)
+    ref = spec.ref or resolve_default_branch(client, hub_dir, spec, force_reload)
+    trust.check_trust(hub_dir, spec, ref, trust_repo, calling_fn, untrusted_ok=untrusted_ok)
+    spec = spec.with_ref(ref)
+    index = RefIndex(hub_dir, spec)
+    existing = store.find_case_insensitive(hub_dir, spec.dir_name(ref))
+    if existing and not force_reload and _is_complete(hub_dir, existing):
+        sha = _folder_sha(hub_dir, existing) or index.sha(ref)
+        if sha:
+            return ref, sha
+    if skip_validation:
+        return ref, None
+    checked = check_ref(client, index, spec, ref)
+    index.update(ref=ref, sha=checked.sha, validated_via=checked.via)
+    return ref, checked.sha
+
+
+def _agreed_checkout(client: HttpClient, spec: RepoSpec, ref: str, folder: str, index: RefIndex, sha: str,
+                     force_reload: bool, verbose: bool) -> Checkout:
+    """The ref's folder holding commit ``sha`` (see ``resolved_sha`` in :func:`get_checkout`)."""
+    hub_dir = client.settings.hub_dir
+    fetcher = client.settings.job_role != "wait"
+
+    def done() -> Optional[str]:
+        existing = store.find_case_insensitive(hub_dir, folder)
+        if existing and _is_complete(hub_dir, existing) and _folder_sha(hub_dir, existing) == sha:
+            return existing
+        return None
+
+    found = None if (force_reload and fetcher) else done()
+    if found:
+        if verbose:
+            notice(f"Using cache found in {found}")
+        return Checkout(found, spec, sha)
+    if client.settings.offline:
+        raise OfflineError(f"{spec} at commit {sha} is not in the cache at {hub_dir} and offline mode is on "
+                           f"({ENV_OFFLINE}=1). Load it once with network access, or unset {ENV_OFFLINE}.")
+    lock = os.path.join(store.meta_dir(hub_dir, "locks"), store.lock_name(f"repo-{spec.key}-{ref}"))
+    with store.entry_lock(lock, client.settings.lock_timeout, f"downloading {spec} ({sha[:12]})",
+                          done=lambda: done() is not None and not (force_reload and fetcher), defer=not fetcher,
+                          wait_timeout=client.settings.job_timeout):
+        found = None if (force_reload and fetcher) else done()
+        if found:
+            return Checkout(found, spec, sha)
+        existing = store.find_case_insensitive(hub_dir, folder)
+        final = existing or os.path.join(hub_dir, folder)
+        _fetch_and_publish(client, spec, ref, final, replace=bool(existing), checked_sha=sha)
+    index.update(ref=ref, sha=sha)
     return Checkout(final, spec, sha)
 
 

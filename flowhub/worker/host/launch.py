@@ -25,6 +25,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from flowhub.errors import WorkerCrashedError
+from flowhub.settings import JOB_VARIABLES, worker_environ
 from flowhub.worker.wire import protocol
 
 #: The zygote's entry point, named as a string: the caller's side never imports the process side.
@@ -117,7 +118,7 @@ class ZygoteHandle:
         self.sock, self.ready, self.pid = ours, False, self.proc.pid
 
     def _spawn(self, theirs: socket.socket) -> subprocess.Popen:
-        env = dict(os.environ if self.env is None else self.env)
+        env = worker_environ(os.environ if self.env is None else self.env)  # never a rank of a job
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         return spawn_from_long_lived_thread(zygote_command(theirs.fileno(), self.flavour), pass_fds=(theirs.fileno(),),
                                             env=env, cwd=self.cwd, stdin=subprocess.DEVNULL, close_fds=True)
@@ -134,6 +135,8 @@ class ZygoteHandle:
         if pid == 0:
             try:
                 ours.close()
+                for name in JOB_VARIABLES:  # the zygote is no rank of a job (its oneflow must not join it)
+                    os.environ.pop(name, None)
                 importlib.import_module(ZYGOTE_MODULE).main_forked(theirs, caller)
             finally:
                 os._exit(70)

@@ -215,7 +215,7 @@ class WorkerManager:
 
     def _fork(self, worker: WorkerHandle, repo_dir: str, mock_torch: bool) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec = {"repo_dir": repo_dir, "mock_torch": bool(mock_torch), "env": dict(os.environ),
+        spec = {"repo_dir": repo_dir, "mock_torch": bool(mock_torch), "env": settings_mod.worker_environ(os.environ),
                 "cwd": os.getcwd(), "sys_path": list(worker.ikey.extra_path) + worker_sys_path()}
         try:
             if worker.ikey.sandbox_hub is not None:
