@@ -73,8 +73,16 @@ def load_state_dict_from_url(url: str, model_dir: Optional[str] = None, map_loca
 def load_weights(path: PathLike, map_location: Any = None, weights_only: bool = True) -> Any:
     """Load a local checkpoint; by default weights-only, in a sandboxed worker (see :meth:`Hub.load_weights`)."""
     ctx = context.current()
-    hub = Hub(**ctx.settings.to_wire()) if ctx is not None else default_hub()  # a running call's settings
+    hub = _hub_with(ctx.settings) if ctx is not None else default_hub()  # a running call's settings
     return hub.load_weights(path, map_location=map_location, weights_only=weights_only)
+
+
+def _hub_with(settings: settings_mod.Settings) -> Hub:
+    """A ``Hub`` with ``settings``: those of its fields that are ``Hub`` arguments (not, say, a job role)."""
+    import inspect
+
+    accepted = inspect.signature(Hub).parameters
+    return Hub(**{k: v for k, v in settings.to_wire().items() if k in accepted})
 
 
 def _deprecated_env_warnings() -> None:

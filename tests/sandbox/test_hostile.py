@@ -128,7 +128,9 @@ def secrets(cfg):
     token_in = lambda data: cfg["token_prefix"].encode() in data
     with open("/proc/self/environ", "rb") as f:
         own_environ = token_in(f.read())
-    hub = flowhub.Hub(**flowhub.context.current().settings.to_wire())  # the settings of the caller's call
+    import inspect
+    wire = flowhub.context.current().settings.to_wire()  # the settings of the caller's call
+    hub = flowhub.Hub(**{k: v for k, v in wire.items() if k in inspect.signature(flowhub.Hub).parameters})
     return {
         "env_token": os.environ.get("GITHUB_TOKEN"),
         "env_has_prefix": any(cfg["token_prefix"] in v for v in os.environ.values()),

@@ -128,3 +128,14 @@ def test_a_sandboxed_worker_reads_pth_files(gh, hub_root, tmp_path):
 def _shutdown():
     yield
     get_manager().shutdown()
+
+
+def test_load_weights_called_by_a_hubconf_in_its_worker(tmp_path):
+    """``flowhub.load_weights`` inside a worker runs with the caller's settings for that call (all of
+    them, a job role included, even those that are no ``Hub`` argument)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "hubconf.py").write_text("def names(path):\n    import flowhub\n    return sorted(flowhub.load_weights(path))\n")
+    path = os.path.join(FIXTURES, "tinynet.pth")
+    got = flowhub.Hub(tmp_path / "hub", mode="rebuild").load(str(repo), "names", path, source="local")
+    assert got == sorted(flowhub.load_weights(path)) and got

@@ -157,12 +157,13 @@ def test_another_uid_is_refused(runtime):
                 os.setgid(65534)
                 os.setuid(65534)
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(handle.path)
-                protocol.send_message(s, {"op": "hello", "identity": handle.digest})
+                s.connect(handle.path)  # the folder and socket let us in: only the service's check is left
+                code = 4
                 try:
+                    protocol.send_message(s, {"op": "hello", "identity": handle.digest})
                     protocol.recv_message(s, time.monotonic() + 10)
                     code = 1  # answered: wrong
-                except (protocol.PeerClosed, ConnectionError):
+                except (protocol.PeerClosed, ConnectionError):  # refused at once (maybe before our hello)
                     code = 0  # closed without a word
             finally:
                 os._exit(code)

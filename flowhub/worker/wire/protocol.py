@@ -39,6 +39,7 @@ MAX_FDS = 4
 MAX_HEADER = 16 << 20  # a JSON header (tensor table, traceback text) never gets near this
 MAX_BODY = 1 << 30  # a pickled skeleton or exception; tensors travel in a memfd, not in the body
 _CHUNK = 1 << 20
+_JOIN_BODY = 1 << 17  # bodies up to this size go in the same write as the header
 
 Message = Tuple[dict, bytes, List[int]]
 
@@ -56,6 +57,8 @@ def send_message(sock: socket.socket, header: dict, body: bytes = b"", fds: Sequ
     """Send one message; ``fds`` are duplicated into the receiver (the sender keeps its own)."""
     head = json.dumps(header, separators=(",", ":")).encode()
     first = _PREFIX.pack(len(head), len(body)) + head
+    if body and len(body) <= _JOIN_BODY:  # one write: the receiver wakes once, with the whole message
+        first, body = first + body, b""
     sock.settimeout(None)
     if fds:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
