@@ -274,3 +274,30 @@ def test_a_fork_is_answered_by_the_waiting_spare(runtime):
         assert after and after != spare
     finally:
         own.shutdown()
+
+
+def test_a_worker_holds_no_socket_but_its_own(runtime, tmp_path):
+    """A worker forked by the service keeps none of the service's descriptors: not its listener, not
+    another caller's connection, not the spare's control socket (through which it could have the spare
+    become a worker of its choosing)."""
+    repo = tmp_path / "fds"
+    repo.mkdir()
+    (repo / "hubconf.py").write_text(
+        "import os\n"
+        "def sockets():\n"
+        "    links = []\n"
+        "    for n in os.listdir('/proc/self/fd'):\n"
+        "        try:\n"
+        "            links.append(os.readlink(f'/proc/self/fd/{n}'))\n"
+        "        except OSError:\n"
+        "            pass  # the descriptor listdir itself used\n"
+        "    return sorted(l for l in links if l.startswith('socket:'))\n")
+    other = WorkerManager(zygote_start="shared")  # a second caller connected meanwhile
+    own = WorkerManager(zygote_start="shared")
+    try:
+        other.call(repo_dir=V1, key="v1", op="load", model="version")
+        for key in ("a", "b", "c"):  # the first from the spare, later ones too, after new spares
+            assert len(own.call(repo_dir=str(repo), key=key, op="load", model="sockets")) == 1
+    finally:
+        own.shutdown()
+        other.shutdown()

@@ -83,15 +83,15 @@ class _Spare:
         self.pid, self.sock = pid, ours
 
     def assign(self, spec: dict, fds: list) -> Optional[int]:
-        """Hand the spare its worker's spec and descriptors (closed here); None if it is gone."""
+        """Hand the spare its worker's spec and descriptors (then closed here); ``None`` if the spare is
+        gone (the descriptors are left to the caller, for an ordinary fork)."""
         try:
             protocol.send_message(self.sock, {"op": "become", "spec": spec}, fds=fds)
         except OSError:
             self.discard()
             return None
-        finally:
-            protocol.close_fds(fds)
-            self.sock.close()
+        protocol.close_fds(fds)
+        self.sock.close()
         return self.pid
 
     def discard(self) -> None:
@@ -120,8 +120,11 @@ class Service:
 
     def close_in_child(self) -> None:
         """In a freshly forked worker: drop the selector (a shared epoll instance a worker could edit),
-        the listener and every caller's connection."""
+        the spare's control socket (a worker must never instruct the spare), the listener and every
+        caller's connection."""
         self.selector.close()
+        if self.spare is not None:
+            self.spare.sock.close()
         if self.listener is not None:
             self.listener.close()
         for caller in self.callers.values():
@@ -199,15 +202,13 @@ class Service:
                     self._send(caller, {"pid": pid})
                     self.spare = _Spare(self)  # the next one, while this caller's worker starts
                     return True
-                fds = ()  # closed by assign; the caller sees an error and retries
-                self._send(caller, {"error": "the prepared worker was gone"})
-                self.spare = _Spare(self)
-                return True
-        reply = caller.zygote.answer(header, list(fds))
+        reply = caller.zygote.answer(header, list(fds))  # (and for a spare that was gone: the ordinary way)
         if reply is None:  # exit: this caller is done with its workers
             self.drop(caller)
         else:
             self._send(caller, reply)
+        if op == "fork" and self.spare is None:  # only now: the worker's descriptors are closed here
+            self.spare = _Spare(self)
         return True
 
     def _send(self, caller: _Caller, reply: dict) -> None:
