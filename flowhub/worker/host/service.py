@@ -37,6 +37,7 @@ from flowhub.worker.wire import identity, protocol
 SERVICE_MODULE = "flowhub.worker.proc.service"
 _HELLO_TIMEOUT = 30.0
 _CALL_TIMEOUT = 30.0
+_LOG_KEEP = 1 << 20
 
 
 class UnsafeRuntimeDir(WorkerCrashedError):
@@ -309,7 +310,11 @@ class SharedZygoteHandle:
             cwd = self.env.get("HOME") or cwd
             os.makedirs(cwd, mode=0o700, exist_ok=True)
         try:
-            with open(self.log_path, "ab") as log:
+            try:  # the log keeps the last service's start-up chatter, not every one's
+                keep = os.path.getsize(self.log_path) < _LOG_KEEP
+            except OSError:
+                keep = False
+            with open(self.log_path, "ab" if keep else "wb") as log:
                 proc = subprocess.Popen(command, env=self.env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=log, pass_fds=(write_end,), close_fds=True, start_new_session=True)
         finally:
