@@ -40,8 +40,16 @@ MAX_HEADER = 16 << 20  # a JSON header (tensor table, traceback text) never gets
 MAX_BODY = 1 << 30  # a pickled skeleton or exception; tensors travel in a memfd, not in the body
 _CHUNK = 1 << 20
 _JOIN_BODY = 1 << 17  # bodies up to this size go in the same write as the header
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_CMSG_CLOEXEC, _CTRUNC = int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_CTRUNC)  # plain ints: no IntFlag per call
 
 Message = Tuple[dict, bytes, List[int]]
+
+
+def _timeout(sock: socket.socket, seconds: Optional[float]) -> None:
+    """``sock.settimeout(seconds)`` unless it is set so already (each call is a system call)."""
+    if seconds is not None or sock.gettimeout() is not None:
+        sock.settimeout(seconds)
 
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:
@@ -59,7 +67,7 @@ def send_message(sock: socket.socket, header: dict, body: bytes = b"", fds: Sequ
     first = _PREFIX.pack(len(head), len(body)) + head
     if body and len(body) <= _JOIN_BODY:  # one write: the receiver wakes once, with the whole message
         first, body = first + body, b""
-    sock.settimeout(None)
+    _timeout(sock, None)
     if fds:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         sent = sock.sendmsg([first], ancillary)
@@ -98,7 +106,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytes
     chunks: List[bytes] = []
     got = 0
     while got < n:
-        sock.settimeout(_remaining(deadline))
+        _timeout(sock, _remaining(deadline))
         chunk = sock.recv(min(n - got, _CHUNK))
         if not chunk:
             raise PeerClosed("peer closed the connection in the middle of a message")
@@ -116,9 +124,8 @@ def recv_message(sock: socket.socket, deadline: Optional[float] = None, max_head
     """
     fds: List[int] = []
     try:
-        sock.settimeout(_remaining(deadline))
-        data, ancdata, flags, _ = sock.recvmsg(
-            _PREFIX.size, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+        _timeout(sock, _remaining(deadline))
+        data, ancdata, flags, _ = sock.recvmsg(_PREFIX.size, _ANCILLARY_SPACE, _CMSG_CLOEXEC)
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
@@ -126,7 +133,7 @@ def recv_message(sock: socket.socket, deadline: Optional[float] = None, max_head
                 fds.extend(arr)
         if not data:
             raise PeerClosed("peer closed the connection")
-        if flags & socket.MSG_CTRUNC:
+        if flags & _CTRUNC:
             raise ProtocolError("file descriptors were truncated (more than %d sent)" % MAX_FDS)
         if len(data) < _PREFIX.size:
             data = bytes(data) + _recv_exact(sock, _PREFIX.size - len(data), deadline)
