@@ -417,3 +417,49 @@ def test_replies_are_validated_before_use():
                         [packed.fd], "forged")  # the fd is closed by decode
         packed.fd = None
     assert isinstance(conn, Connection) and p.fc.out_features == 16
+
+
+def _memfd_maps(label: str) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(f"/memfd:{label}" in line for line in f)
+
+
+def test_large_payloads_reuse_one_arena_per_direction_and_results_stay_intact():
+    """Payloads over the inline limit go through one reused memfd each way, not a fresh one per call; a
+    result is a copy, so the next call (which rewrites the arena) leaves earlier results as they were."""
+    s, echo = load("scale", key="test:arena"), load("echo", key="test:arena")
+    xs = [flow.randn(8, 3, 64, 64) for _ in range(4)]  # 393 KiB each: above the inline limit
+    before = _memfd_maps("flowhub-proxy-arena")  # other tests' workers may have theirs mapped here
+    first = s(xs[0])
+    kept = first.numpy().copy()
+    maps = _memfd_maps("flowhub-proxy-arena")
+    results = [s(x) for x in xs[1:]] + [echo({"a": xs[1], "b": [xs[2].numpy()]})]
+    assert np.array_equal(first.numpy(), kept) and np.array_equal(kept, (xs[0] * 2).numpy())
+    for x, y in zip(xs[1:], results[:3]):
+        assert flow.equal(y, x * 2)
+    assert flow.equal(results[3]["a"], xs[1]) and np.array_equal(results[3]["b"][0], xs[2].numpy())
+    assert _memfd_maps("flowhub-proxy-arena") == maps == before + 1  # this worker's arena, mapped once here
+    with flow.no_grad():
+        first.add_(1.0)  # results are this process's own memory, writable
+    assert np.array_equal(first.numpy(), kept + 1)
+    y = s(flow.randn(16, 3, 128, 128))  # bigger than the arena: a new one, announced with the message
+    assert y.shape == (16, 3, 128, 128) and _memfd_maps("flowhub-proxy-arena") <= before + 2
+
+
+def test_an_arena_must_be_sealed_against_resizing_and_fit_its_payload(tmp_path):
+    inbox = transfer.Inbox()
+    loose = os.memfd_create("loose", os.MFD_ALLOW_SEALING)
+    os.ftruncate(loose, 1 << 20)  # no seals: the sender could shrink it under a reader (SIGBUS)
+    with pytest.raises(TransferError, match="sealed against resizing"):
+        inbox.unpack({"arena": 1, "arena_size": 1 << 20, "size": 0, "table": []}, [loose])
+    with pytest.raises(TransferError, match="does not have"):
+        inbox.unpack({"arena": 2, "size": 64, "table": [{"dtype": "uint8", "shape": [64], "offset": 0,
+                                                          "nbytes": 64}]}, [])
+    out = transfer.Outbox("t")
+    packed, fields = out.pack([np.arange(100_000, dtype=np.float32)])
+    arrays, copied = inbox.unpack(dict(fields, size=packed.size, table=packed.table), [packed.fd])
+    assert copied and np.array_equal(arrays[0], np.arange(100_000, dtype=np.float32))
+    too_big = [{"dtype": "uint8", "shape": [out.capacity + 64], "offset": 0, "nbytes": out.capacity + 64}]
+    with pytest.raises(TransferError):
+        inbox.unpack({"arena": fields["arena"], "size": out.capacity + 64, "table": too_big}, [])
+    out.close()

@@ -412,11 +412,10 @@ class WorkerManager:
 
     def proxy_request(self, conn: Any, header: dict, arrays: Sequence[Any], context: str) -> Any:
         """One request from a proxy (see :mod:`flowhub.worker.proc.objects`), with its arguments' arrays."""
-        from flowhub.worker.wire import transfer
 
         worker = conn.worker
-        packed = transfer.pack(arrays, name="flowhub-args", inline_max=transfer.INLINE_MAX)
-        header.update(mode="proxy", size=packed.size, table=packed.table)
+        packed, arena = conn.outbox.pack(arrays)  # large arguments: through the connection's reused arena
+        header.update(mode="proxy", size=packed.size, table=packed.table, **arena)
         try:
             with worker.lock:
                 conn.check(context)

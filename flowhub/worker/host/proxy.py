@@ -263,6 +263,9 @@ class Connection:
         self.proxies: "weakref.WeakValueDictionary[int, Proxy]" = weakref.WeakValueDictionary()
         self.types: Dict[int, frozenset] = {}
         self.pending: "collections.deque[List[int]]" = collections.deque()
+        from flowhub.worker.wire import transfer
+
+        self.outbox, self.inbox = transfer.Outbox("flowhub-args"), transfer.Inbox()  # large payloads, both ways
 
     def live(self) -> bool:
         """Whether the caller still holds proxies of this worker's objects."""
@@ -324,17 +327,11 @@ class Connection:
     def decode(self, reply: dict, fds: List[int], context: str, body: bytes = b"") -> Any:
         """Validate and map the reply's tensors (from its memfd, or its body when small), then rebuild its
         value (refs become proxies)."""
-        from flowhub.worker.wire import codec, protocol, transfer
+        from flowhub.worker.wire import codec
 
-        fd = fds.pop(0) if fds else None
-        protocol.close_fds(fds)
         try:
-            size = reply.get("size", 0)
-            if type(size) is not int:
-                raise TransferError("the reply's payload size is not an integer")
-            # pre-fault large payloads in one madvise; for small ones the extra call costs more than it saves
-            arrays = transfer.unpack(fd, size, reply.get("table", []), populate=size >= 1 << 20, inline=body)
-            return codec.Decoder(arrays, self._proxy_for).decode(reply.get("value"))
+            arrays, copied = self.inbox.unpack(reply, fds, body)
+            return codec.Decoder(arrays, self._proxy_for, copy=copied).decode(reply.get("value"))
         except TransferError as exc:
             raise TransferError(f"{context}: {exc}") from None
         except Exception as exc:

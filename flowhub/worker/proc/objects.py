@@ -100,6 +100,7 @@ class ObjectServer:
         self.table = ObjectTable()
         self._types: Dict[type, Tuple[int, frozenset]] = {}
         self._sent_types: Set[int] = set()
+        self.outbox, self.inbox = transfer.Outbox("flowhub-proxy"), transfer.Inbox()  # large payloads
 
     # -- one request ------------------------------------------------------------------------------
     def handle(self, header: dict, body: bytes, fds: List[int]) -> None:
@@ -126,7 +127,7 @@ class ObjectServer:
                     encoder = codec.Encoder(lambda obj: self._ref_node(obj, handed))
                     node = encoder.encode(value)
                     del value
-                    packed = transfer.pack(encoder.arrays, name="flowhub-proxy", inline_max=transfer.INLINE_MAX)
+                    packed, arena = self.outbox.pack(encoder.arrays)
                 except Exception as exc:
                     raise self.failure("transfer", TransferError(
                         f"the result cannot be sent back ({type(exc).__name__}: {exc})")) from None
@@ -136,7 +137,7 @@ class ObjectServer:
                 failure = exc if isinstance(exc, self.failure) else self.failure("hubconf", exc, True)
                 self._send_failure(failure)
                 return
-            reply = dict(extra, ok=True, value=node, size=packed.size, table=packed.table)
+            reply = dict(extra, ok=True, value=node, size=packed.size, table=packed.table, **arena)
             protocol.send_message(self.loop.sock, reply, packed.inline, [packed.fd] if packed.fd is not None else [])
         finally:
             protocol.close_fds(fds)
@@ -200,10 +201,8 @@ class ObjectServer:
             raise self.failure("hubconf", exc) from None
 
     def _arguments(self, header: dict, body: bytes, fds: List[int]) -> Tuple[list, dict, Any]:
-        table = header.get("table") or []
-        arrays = transfer.unpack(fds[0] if fds else None, int(header.get("size", 0)), table, inline=body)
-        fds.clear()
-        decoder = codec.Decoder(arrays, lambda node: self.table.get(node.get("r")), allow_pickle=True)
+        arrays, copied = self.inbox.unpack(header, fds, body)
+        decoder = codec.Decoder(arrays, lambda node: self.table.get(node.get("r")), allow_pickle=True, copy=copied)
         args = decoder.decode(header.get("args", []))
         kwargs = decoder.decode(header["kwargs"]) if "kwargs" in header else {}
         key = decoder.decode(header.get("key"))

@@ -170,9 +170,12 @@ class Decoder:
     into an object; ``allow_pickle`` is set only in the worker (the caller's arguments).
     """
 
-    def __init__(self, arrays: Sequence[np.ndarray], ref: Callable[[dict], Any], allow_pickle: bool = False) -> None:
+    def __init__(self, arrays: Sequence[np.ndarray], ref: Callable[[dict], Any], allow_pickle: bool = False,
+                 copy: bool = False) -> None:
+        """``copy``: the arrays view memory the peer reuses (a proxy arena): tensors and arrays are copies."""
         self.arrays = arrays
         self.ref = ref
+        self.copy = copy
         self.allow_pickle = allow_pickle
         self._made: Dict[tuple, Any] = {}
 
@@ -248,10 +251,12 @@ class Decoder:
         if made is None:
             array = self.arrays[index]
             if tag == "ndarray":
-                made = array
+                made = array.copy() if self.copy else array
             else:
                 flow = _import_oneflow()
                 made = flow.from_numpy(array)  # zero-copy on the private mapping of the memfd
+                if self.copy:  # into oneflow's own (cached) memory, off the arena
+                    made = made.clone()
                 if cast:
                     made = made.to(flow.bfloat16)
             self._made[key] = made

@@ -72,18 +72,7 @@ INLINE_MAX = 64 << 10
 def pack(arrays: Sequence[np.ndarray], name: str = "flowhub", inline_max: int = 0) -> Packed:
     """Write ``arrays`` into a new sealed memfd (sender side), or into ``inline`` bytes when they add up
     to at most ``inline_max`` bytes."""
-    table, flat, offset = [], [], 0
-    for arr in arrays:
-        if not arr.dtype.isnative:  # the table names no byte order: native it is
-            arr = arr.astype(arr.dtype.newbyteorder("="))
-        if not arr.flags.c_contiguous:
-            arr = arr.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
-        if arr.dtype.name not in DTYPES:
-            raise TransferError(f"arrays of dtype {arr.dtype} cannot be transferred")
-        offset = -(-offset // ALIGN) * ALIGN
-        table.append({"dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes})
-        flat.append(arr.reshape(-1).view(np.uint8) if arr.nbytes else None)
-        offset += arr.nbytes
+    table, flat, offset = _layout(arrays)
     if offset == 0:
         for entry in table:
             entry["offset"] = 0
@@ -211,3 +200,135 @@ def unpack(fd: Optional[int], size: int, table: object, populate: bool = False,
             os.close(fd)
     return [base[off:off + nbytes].view(dtype).reshape(shape) if nbytes else np.empty(shape, dtype)
             for dtype, shape, off, nbytes in entries]
+
+
+# -- proxy arenas: one reused memfd per direction of a proxy connection ------------------------------------
+ARENA_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # never F_SEAL_WRITE: the sender rewrites it per message
+_ARENA_STEP = 1 << 20
+
+
+class Outbox:
+    """The sender's side of a proxy connection: payloads over :data:`INLINE_MAX` are written into one
+    memfd reused message after message (grown, as a new memfd, when one is too small), so a call faults
+    no fresh pages once the arena has been used. The receiver copies each payload out at once
+    (:class:`Inbox`): nothing it keeps shares pages with the arena, which the next message overwrites."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fd: Optional[int] = None
+        self.capacity = 0
+        self.gen = 0
+        self._announced = 0
+        self._map: Optional[mmap.mmap] = None
+
+    def pack(self, arrays: Sequence[np.ndarray]) -> "tuple[Packed, dict]":
+        """``(packed, header fields)``: small payloads inline (as :func:`pack`), others in the arena; the
+        arena's descriptor travels (as ``packed.fd``) only with its first message."""
+        table, flat, total = _layout(arrays)
+        if total <= INLINE_MAX:
+            return pack(arrays, name=self.name, inline_max=INLINE_MAX), {}
+        if total > self.capacity:
+            self._grow(total)
+        assert self._map is not None
+        target = np.frombuffer(self._map, dtype=np.uint8)
+        for entry, raw in zip(table, flat):
+            if raw is not None:
+                target[entry["offset"]:entry["offset"] + entry["nbytes"]] = raw
+        del target
+        extra = {"arena": self.gen}
+        fd = None
+        if self._announced != self.gen:
+            fd, self._announced = os.dup(self.fd), self.gen  # type: ignore[arg-type]
+            extra["arena_size"] = self.capacity
+        return Packed(fd, total, table), extra
+
+    def _grow(self, needed: int) -> None:
+        self.close()
+        capacity = -(-max(needed, 2 * self.capacity) // _ARENA_STEP) * _ARENA_STEP
+        fd = os.memfd_create(self.name + "-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, capacity)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
+        self.fd, self.capacity, self.gen = fd, capacity, self.gen + 1
+        self._map = mmap.mmap(fd, capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Inbox:
+    """The receiver's side: the peer's current arena, mapped once; payloads in it are validated and
+    handed out as views that the caller must copy before the next message (see ``copied``)."""
+
+    def __init__(self) -> None:
+        self.gen = 0
+        self._base: Optional[np.ndarray] = None
+        self._size = 0
+
+    def unpack(self, header: dict, fds: List[int], inline: bytes = b"") -> "tuple[List[np.ndarray], bool]":
+        """``(arrays, copied)``: ``copied`` is True when ``arrays`` view the arena (copy them now);
+        otherwise they come from the message itself (as :func:`unpack`). Takes ``fds``."""
+        size, table = header.get("size", 0), header.get("table") or []
+        if type(size) is not int:
+            close_all(fds)
+            raise TransferError("the payload size is not an integer")
+        if "arena" not in header:
+            return unpack(fds.pop(0) if fds else None, size, table, inline=inline), False
+        gen = header.get("arena")
+        try:
+            if fds:
+                self._adopt(fds.pop(0), header.get("arena_size"), gen)
+        finally:
+            close_all(fds)
+        if type(gen) is not int or gen != self.gen or self._base is None:
+            raise TransferError(f"the payload names arena {gen!r:.20}, which this side does not have")
+        entries = validate(table, size)
+        if size > self._size:
+            raise TransferError(f"a {size}-byte payload does not fit its {self._size}-byte arena")
+        base = self._base
+        return [base[off:off + nbytes].view(dtype).reshape(shape) if nbytes else np.empty(shape, dtype)
+                for dtype, shape, off, nbytes in entries], True
+
+    def _adopt(self, fd: int, size: object, gen: object) -> None:
+        try:
+            if type(size) is not int or type(gen) is not int or size <= 0:
+                raise TransferError("a new arena came without its size and generation")
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & ARENA_SEALS != ARENA_SEALS or os.fstat(fd).st_size != size:
+                raise TransferError("the arena is not a memfd sealed against resizing, of the announced size")
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise TransferError(f"cannot map the peer's arena: {exc}") from None
+        finally:
+            os.close(fd)
+        self._base, self._size, self.gen = np.frombuffer(mapping, dtype=np.uint8), size, gen
+
+
+def close_all(fds: List[int]) -> None:
+    """Close every descriptor in ``fds`` (and empty the list)."""
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+
+
+def _layout(arrays: Sequence[np.ndarray]) -> "tuple[List[dict], list, int]":
+    """The table (aligned offsets), the flat byte views and the total size of a payload."""
+    table, flat, offset = [], [], 0
+    for arr in arrays:
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
+        if arr.dtype.name not in DTYPES:
+            raise TransferError(f"arrays of dtype {arr.dtype} cannot be transferred")
+        offset = -(-offset // ALIGN) * ALIGN
+        table.append({"dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes})
+        flat.append(arr.reshape(-1).view(np.uint8) if arr.nbytes else None)
+        offset += arr.nbytes
+    return table, flat, offset
