@@ -61,7 +61,7 @@ from flowhub.settings import (ENV_SANDBOX_MAX_MEMORY, ENV_SANDBOX_MAX_PROCESSES,
                               SandboxLimits as Limits)
 from flowhub.worker.host import fetch_service, output
 from flowhub.worker.host.launch import ZygoteHandle, describe_status, worker_sys_path
-from flowhub.worker.host.service import make_zygote
+from flowhub.worker.host.service import make_zygote, sandbox_service_environ
 from flowhub.worker.wire import protocol
 from flowhub.worker.wire.messages import EXIT_SANDBOX_WEAK
 
@@ -81,9 +81,8 @@ def _sandbox_zygote(home: str, start: Optional[str]) -> Any:
         return ZygoteHandle("spawn", env=environment.scrubbed_environ(SandboxPolicy(scratch=home)),
                             flavour="sandbox", cwd=home)
 
-    shared_home = os.path.join(ZygoteSettings.from_env().runtime_dir, "sandbox-home")
     return make_zygote(start, flavour="sandbox", process_factory=own,
-                       env=environment.scrubbed_environ(SandboxPolicy(scratch=shared_home)))
+                       env=sandbox_service_environ(ZygoteSettings.from_env().runtime_dir))
 
 
 @dataclasses.dataclass

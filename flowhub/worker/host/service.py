@@ -21,7 +21,6 @@ import os
 import select
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -58,11 +57,6 @@ def secure_runtime_dir(path: str) -> str:
             f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}); remove it, or point "
             f"{settings_mod.ENV_RUNTIME_DIR} elsewhere")
     return path
-
-
-def _peer_uid(sock: socket.socket) -> int:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)[1]
 
 
 def _alive(pid: Optional[int]) -> bool:
@@ -243,7 +237,7 @@ class SharedZygoteHandle:
                 raise _Refused(str(exc)) from None
             raise
         try:
-            if _peer_uid(sock) != os.getuid():
+            if protocol.peer_credentials(sock)[1] != os.getuid():
                 raise _Refused(f"{self.path} is served by another user")
             protocol.send_message(sock, {"op": "hello", "identity": self.digest})
             reply, _, fds = protocol.recv_message(sock, time.monotonic() + _HELLO_TIMEOUT)
@@ -366,6 +360,14 @@ def _own_output(opened: list) -> Tuple[int, int]:
     return out[0], out[1]
 
 
+def sandbox_service_environ(runtime_dir: str) -> Dict[str, str]:
+    """The environment the sandbox-flavour service starts with: what a sandboxed worker would get, with
+    ``HOME`` and ``TMPDIR`` in a folder of the runtime folder."""
+    from flowhub.sandbox import SandboxPolicy, environment
+
+    return environment.scrubbed_environ(SandboxPolicy(scratch=os.path.join(runtime_dir, "sandbox-home")))
+
+
 def make_zygote(start: Optional[str] = None, *, flavour: str = "", env: Optional[Dict[str, str]] = None,
                 process_factory: Optional[Any] = None) -> Any:
     """The zygote a worker pool forks from: a :class:`SharedZygoteHandle` when ``start`` is ``"shared"``
@@ -418,7 +420,7 @@ def stop_services(runtime_dir: str) -> int:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(os.path.join(runtime_dir, name))
-            if _peer_uid(sock) != os.getuid():
+            if protocol.peer_credentials(sock)[1] != os.getuid():
                 continue
             digest = name[:-len(".sock")].rsplit("-", 1)[-1]
             protocol.send_message(sock, {"op": "hello", "identity": digest})
@@ -447,12 +449,8 @@ def zygote_report() -> Dict[str, Any]:
         except UnsafeRuntimeDir as exc:
             report["problem"] = f"{exc} (falling back to a zygote per process)"
             return report
-        from flowhub.sandbox import SandboxPolicy, environment
-
-        home = os.path.join(zygote.runtime_dir, "sandbox-home")
-        sandbox_env = environment.scrubbed_environ(SandboxPolicy(scratch=home))
-        report["services"] = {"plain": service_status("", zygote),
-                              "sandbox": _status_of(SharedZygoteHandle("sandbox", env=sandbox_env, zygote=zygote))}
+        sandbox = SharedZygoteHandle("sandbox", env=sandbox_service_environ(zygote.runtime_dir), zygote=zygote)
+        report["services"] = {"plain": service_status("", zygote), "sandbox": _status_of(sandbox)}
     return report
 
 

@@ -28,7 +28,6 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 from typing import Dict, List, Optional
@@ -38,12 +37,6 @@ from flowhub.worker.wire import identity, protocol
 
 _REQUEST_TIMEOUT = 10.0  # a caller that starts a message finishes it within this
 _TICK = 1.0
-
-
-def peer_credentials(sock: socket.socket) -> tuple:
-    """``(pid, uid, gid)`` of the process at the other end of a unix socket, as of its ``connect``."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)
 
 
 class _Caller:
@@ -139,7 +132,7 @@ class Service:
             sock, _ = self.listener.accept()
         except OSError:
             return
-        pid, uid, _ = peer_credentials(sock)
+        pid, uid, _ = protocol.peer_credentials(sock)
         if uid != os.getuid():  # only the user who started the service may use it
             print(f"flowhub zygote service: refused a connection from uid {uid} (pid {pid})", file=sys.stderr)
             sock.close()

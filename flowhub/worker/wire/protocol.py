@@ -160,6 +160,12 @@ def is_request(header: dict) -> bool:
     return "request" in header
 
 
+def peer_credentials(sock: socket.socket) -> Tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of a unix socket, as of its ``connect``."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
 def close_fds(fds: Sequence[int]) -> None:
     """Close descriptors, ignoring ones already closed."""
     for fd in fds:

@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from flowhub.errors import TransferError
+from flowhub.worker.wire import protocol
 
 ALIGN = 64
 MAX_ENTRIES = 1 << 17  # tensors in one payload (large models have a few thousand)
@@ -274,7 +275,7 @@ class Inbox:
         otherwise they come from the message itself (as :func:`unpack`). Takes ``fds``."""
         size, table = header.get("size", 0), header.get("table") or []
         if type(size) is not int:
-            close_all(fds)
+            _close(fds)
             raise TransferError("the payload size is not an integer")
         if "arena" not in header:
             return unpack(fds.pop(0) if fds else None, size, table, inline=inline), False
@@ -283,7 +284,7 @@ class Inbox:
             if fds:
                 self._adopt(fds.pop(0), header.get("arena_size"), gen)
         finally:
-            close_all(fds)
+            _close(fds)
         if type(gen) is not int or gen != self.gen or self._base is None:
             raise TransferError(f"the payload names arena {gen!r:.20}, which this side does not have")
         entries = validate(table, size)
@@ -308,13 +309,9 @@ class Inbox:
         self._base, self._size, self.gen = np.frombuffer(mapping, dtype=np.uint8), size, gen
 
 
-def close_all(fds: List[int]) -> None:
-    """Close every descriptor in ``fds`` (and empty the list)."""
-    while fds:
-        try:
-            os.close(fds.pop())
-        except OSError:
-            pass
+def _close(fds: List[int]) -> None:
+    protocol.close_fds(fds)
+    fds.clear()
 
 
 def _layout(arrays: Sequence[np.ndarray]) -> "tuple[List[dict], list, int]":
