@@ -56,6 +56,11 @@ class Hub:
             collectives instead of every rank reading it (``FLOWHUB_BROADCAST_WEIGHTS``; needs the
             checkpoint loaded in the rank's process: ``mode="inprocess"``).
         job_timeout: seconds a rank waits for the rank that fills its cache (``FLOWHUB_JOB_TIMEOUT``).
+        deferred_init: in a worker, a load first runs its entrypoint with the random initialisation of
+            parameters deferred; when the checkpoint overwrote every one of them (a pretrained load) and
+            nothing else drew random numbers, the draws are never made and the cached weights are mapped
+            into the parameters' own memory; otherwise the entrypoint runs again the usual way
+            (``FLOWHUB_DEFERRED_INIT``, default on; see :mod:`flowhub.worker.proc.deferred`).
 
     In a job started by ``python -m oneflow.distributed.launch`` (or torchrun), every call is a collective:
     rank 0 resolves the ref and all ranks load that commit; each cache is filled by one rank.
@@ -72,13 +77,15 @@ class Hub:
                  worker_timeout: Optional[float] = None, sandbox: Optional[bool] = None,
                  mock_torch: bool = False, lockfile: Optional[PathLike] = None,
                  install_requirements: Optional[bool] = None, cache_shared: Union[None, bool, str] = None,
-                 broadcast_weights: Optional[bool] = None, job_timeout: Optional[float] = None) -> None:
+                 broadcast_weights: Optional[bool] = None, job_timeout: Optional[float] = None,
+                 deferred_init: Optional[bool] = None) -> None:
         self._overrides = dict(hub_dir=os.fspath(hub_dir) if hub_dir is not None else None,
                                github_url=github_url, github_api_url=github_api_url, offline=offline,
                                timeout=timeout, retries=retries, lock_timeout=lock_timeout, mode=mode,
                                worker_timeout=worker_timeout, sandbox=sandbox,
                                install_requirements=install_requirements, cache_shared=cache_shared,
-                               broadcast_weights=broadcast_weights, job_timeout=job_timeout)
+                               broadcast_weights=broadcast_weights, job_timeout=job_timeout,
+                               deferred_init=deferred_init)
         self.mock_torch = mock_torch
         self.lockfile = Lockfile(os.fspath(lockfile)) if lockfile is not None else None
         self.last_provenance: Optional[Provenance] = None

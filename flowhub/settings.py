@@ -30,6 +30,7 @@ ENV_INSTALL_REQUIREMENTS = "FLOWHUB_INSTALL_REQUIREMENTS"
 ENV_CACHE_SHARED = "FLOWHUB_CACHE_SHARED"
 ENV_BROADCAST_WEIGHTS = "FLOWHUB_BROADCAST_WEIGHTS"
 ENV_JOB_TIMEOUT = "FLOWHUB_JOB_TIMEOUT"
+ENV_DEFERRED_INIT = "FLOWHUB_DEFERRED_INIT"
 DEFAULT_JOB_TIMEOUT = 600.0
 CACHE_SHARED_CHOICES = ("auto", "1", "0")
 
@@ -121,6 +122,9 @@ class Settings:
     cache_shared: str = "auto"
     broadcast_weights: bool = False
     job_timeout: float = DEFAULT_JOB_TIMEOUT
+    #: A worker's load skips the random initialisation of parameters the checkpoint overwrites
+    #: (:mod:`flowhub.worker.proc.deferred`).
+    deferred_init: bool = True
     #: In a distributed job: "fetch" (this rank fetches for its cache) or "wait" (another rank does); see
     #: :mod:`flowhub.distributed`. Empty outside a job.
     job_role: str = ""
@@ -199,6 +203,7 @@ def resolve(overrides: Mapping[str, Any], env: Optional[Mapping[str, str]] = Non
         broadcast_weights=bool(pick("broadcast_weights", _env_bool(env, ENV_BROADCAST_WEIGHTS, False))),
         job_timeout=_seconds(pick("job_timeout", _env_float(env, ENV_JOB_TIMEOUT, DEFAULT_JOB_TIMEOUT)),
                              "job_timeout", ENV_JOB_TIMEOUT),
+        deferred_init=bool(pick("deferred_init", _env_bool(env, ENV_DEFERRED_INIT, True))),
         github_token=env.get(ENV_GITHUB_TOKEN) or None,
     )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from flowhub.cache.store import inside
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 _lock = threading.RLock()
 _loaded: List["LoadedFile"] = []
 _MAX_REMEMBERED = 1 << 16
+#: While :func:`tracking_origins` is active: ``address -> (mapped array, its file)`` for each tensor mapped.
+_origins: Optional[Dict[int, Tuple[Any, "LoadedFile"]]] = None
 #: Below this a tensor is copied as usual: mapping costs a descriptor and a page each.
 MIN_MAPPED_BYTES = 64 << 10
 
@@ -93,14 +95,33 @@ def _mapping_loader(original, roots: Tuple[str, ...]):
         if nbytes < MIN_MAPPED_BYTES or os.path.getsize(blob.file_path) != nbytes:
             return original(path, global_src_rank, map_location)
         real = os.path.realpath(blob.file_path)
-        tensor = flow.from_numpy(map_file(real, dtype, shape))
+        array = map_file(real, dtype, shape)
+        loaded = LoadedFile(real, dtype.name, shape, nbytes)
         with _lock:
-            _loaded.append(LoadedFile(real, dtype.name, shape, nbytes))
+            _loaded.append(loaded)
             del _loaded[:-_MAX_REMEMBERED]
-        return tensor
+            if _origins is not None:
+                _origins[array.__array_interface__["data"][0]] = (array, loaded)
+        return flow.from_numpy(array)
 
     load_single_variable.flowhub_original = original  # type: ignore[attr-defined]
     return load_single_variable
+
+
+@contextlib.contextmanager
+def tracking_origins() -> Iterator[Dict[int, Tuple[Any, LoadedFile]]]:
+    """While active, every tensor :func:`install`'s loader maps is recorded with its file, under the
+    address of its first byte (the mapping kept alive until the end, so no other takes that address),
+    so a parameter can be mapped onto the same file (:mod:`flowhub.worker.proc.deferred`)."""
+    global _origins
+    with _lock:
+        outer, _origins = _origins, {}
+        origins = _origins
+    try:
+        yield origins
+    finally:
+        with _lock:
+            _origins = outer
 
 
 def remember(path: str, extents: Sequence[Any]) -> None:

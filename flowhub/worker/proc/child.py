@@ -29,7 +29,7 @@ from flowhub import context, entrypoints
 from flowhub.errors import TransferError
 from flowhub.cache import checkpoints, mapping
 from flowhub.worker.wire import byvalue, failures, protocol, transfer, weightrefs
-from flowhub.worker.proc import objects
+from flowhub.worker.proc import deferred, objects
 
 from flowhub.worker.wire.messages import OPS  # noqa: E402
 #: What hubconf code may raise and the caller is told about: ``SystemExit`` and ``KeyboardInterrupt``
@@ -54,6 +54,7 @@ class WorkerLoop:
         self.mock_torch = mock_torch
         self.modules = byvalue.ByValueModules(repo_dir, ignore=list(sys.modules))  # the zygote's, no repo code
         self._hubconf: Optional[types.ModuleType] = None
+        self.deferred_init = True  # the caller's setting, taken with each call's settings
         self.proxies = objects.ObjectServer(self, _Failure)  # mode="proxy": objects kept here, JSON replies
 
     # -- the repository ---------------------------------------------------------------------------
@@ -79,7 +80,8 @@ class WorkerLoop:
                 return entrypoints.list_entrypoints(module)
             if op == "help":
                 return entrypoints.entrypoint_doc(module, model)
-            return entrypoints.find_entrypoint(module, model)(*args, **kwargs)
+            return deferred.run_entrypoint(entrypoints.find_entrypoint(module, model), args, kwargs,
+                                           self.deferred_init)
         except HUBCONF_EXCEPTIONS as exc:
             raise _Failure("hubconf", exc) from None
 
@@ -103,6 +105,7 @@ class WorkerLoop:
         if settings is not None:
             call = context.CallSettings.from_wire(settings)
             context.adopt(call)
+            self.deferred_init = call.settings.deferred_init
             mapping.install([call.settings.hub_dir])  # oneflow.load maps what the hub cache holds
             checkpoints.install_weights_files_loader([call.settings.hub_dir])  # ... and reads torch files
         if rng:
