@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 from flowhub.cache.store import inside
 
@@ -26,8 +26,7 @@ if TYPE_CHECKING:
 _lock = threading.RLock()
 _loaded: List["LoadedFile"] = []
 _MAX_REMEMBERED = 1 << 16
-#: While :func:`tracking_origins` is active: ``address -> (mapped array, its file)`` for each tensor mapped.
-_origins: Optional[Dict[int, Tuple[Any, "LoadedFile"]]] = None
+_unpickling = threading.local()  # .loaded: the file the tensor being unpickled was mapped from
 #: Below this a tensor is copied as usual: mapping costs a descriptor and a page each.
 MIN_MAPPED_BYTES = 64 << 10
 
@@ -100,8 +99,7 @@ def _mapping_loader(original, roots: Tuple[str, ...]):
         with _lock:
             _loaded.append(loaded)
             del _loaded[:-_MAX_REMEMBERED]
-            if _origins is not None:
-                _origins[array.__array_interface__["data"][0]] = (array, loaded)
+        _unpickling.loaded = loaded
         return flow.from_numpy(array)
 
     load_single_variable.flowhub_original = original  # type: ignore[attr-defined]
@@ -110,18 +108,30 @@ def _mapping_loader(original, roots: Tuple[str, ...]):
 
 @contextlib.contextmanager
 def tracking_origins() -> Iterator[Dict[int, Tuple[Any, LoadedFile]]]:
-    """While active, every tensor :func:`install`'s loader maps is recorded with its file, under the
-    address of its first byte (the mapping kept alive until the end, so no other takes that address),
-    so a parameter can be mapped onto the same file (:mod:`flowhub.worker.proc.deferred`)."""
-    global _origins
+    """While active, every tensor ``oneflow.load`` unpickles onto a file :func:`install`'s loader mapped
+    is recorded with that file, under ``id(tensor)`` (and kept alive until the end), so a parameter
+    can be mapped onto the same file (:mod:`flowhub.worker.proc.deferred`)."""
+    import oneflow as flow
+
+    origins: Dict[int, Tuple[Any, LoadedFile]] = {}
     with _lock:
-        outer, _origins = _origins, {}
-        origins = _origins
+        original = flow.Tensor.__setstate__
+
+    def setstate(tensor: Any, state: Any) -> Any:
+        _unpickling.loaded = None
+        result = original(tensor, state)
+        loaded, _unpickling.loaded = getattr(_unpickling, "loaded", None), None
+        if loaded is not None:
+            origins[id(tensor)] = (tensor, loaded)
+        return result
+
+    with _lock:
+        flow.Tensor.__setstate__ = setstate
     try:
         yield origins
     finally:
         with _lock:
-            _origins = outer
+            flow.Tensor.__setstate__ = original
 
 
 def remember(path: str, extents: Sequence[Any]) -> None:

@@ -211,7 +211,7 @@ def test_a_value_read_from_a_deferred_parameter_runs_plainly(published, tmp_path
 def test_views_see_the_loaded_weights_and_training_leaves_the_cache_alone(published, tmp_path):
     url, saved = published
     fast, plain = _hub(tmp_path, "fast"), _hub(tmp_path, "plain", deferred_init=False)
-    (model, flat), (_, flat_ref) = _load(fast, "viewed", url), _load(plain, "viewed", url)
+    (_, flat), (_, flat_ref) = _load(fast, "viewed", url), _load(plain, "viewed", url)
     assert np.array_equal(flat, saved[0].weight.numpy().reshape(-1)) and np.array_equal(flat, flat_ref)
     assert _calls(fast) == 1
     files = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "fast" / "checkpoints")

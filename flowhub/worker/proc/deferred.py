@@ -174,13 +174,11 @@ class Speculation:
         return copy_
 
     def _origin(self, other: Any, entry: _Deferred) -> Optional[mapping.LoadedFile]:
-        """The cached file whose mapping ``other`` is, if it is one (found by its first byte's address)."""
-        if not self._origins or not isinstance(other, flow.Tensor) or not other.is_local \
-                or other.device.type != "cpu" or other.dtype != entry.param.dtype \
-                or tuple(other.shape) != entry.array.shape or not other.is_contiguous():
+        """The cached file ``other`` was loaded from as a mapping, if it was."""
+        found = self._origins.get(id(other))
+        if found is None or found[0] is not other or tuple(other.shape) != entry.array.shape:
             return None
-        found = self._origins.get(other.detach().numpy().__array_interface__["data"][0])
-        return found[1] if found is not None else None
+        return found[1]
 
     # -- the verdict --------------------------------------------------------------------------------
     def kept(self, start_state: bytes) -> bool:
