@@ -6,7 +6,7 @@ catches ``RuntimeError`` or ``ValueError`` around a hub call keeps working.
 from __future__ import annotations
 
 import pickle
-from typing import Optional
+from typing import Any, Optional
 
 
 class FlowhubError(Exception):
@@ -225,6 +225,20 @@ class MissingModuleError(FlowhubError, ModuleNotFoundError):
 class RequirementsInstallError(FlowhubError, RuntimeError):
     """A repository's requirements could not be installed as wheels into its overlay (nothing was
     published), or cannot be installed at all (a direct URL, a package-index-less offline load)."""
+
+
+class OverlayImportError(FlowhubError, ImportError):
+    """A module of a requirement overlay (``site``) cannot be loaded privately in the caller, so a result
+    that needs it cannot be rebuilt here: ``module`` and ``reason`` (what loading it raised)."""
+
+    def __init__(self, site: str, module: str, reason: Any) -> None:
+        self.reason = reason if isinstance(reason, str) else f"{type(reason).__name__}: {reason}"
+        super().__init__(f"{module} (from the overlay {site}) cannot be imported privately in this process "
+                         f"({self.reason})", name=module)
+        self.site, self.module = site, module
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.site, self.module, self.reason)
 
 
 class CacheWaitTimeoutError(FlowhubError, TimeoutError):

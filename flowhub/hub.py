@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from flowhub.cache import checkpoints, repos
 from flowhub import context, entrypoints, requirements, settings as settings_mod
 from flowhub.compare import Comparison, compare_models
-from flowhub.errors import MissingModuleError, RepoSpecError, RequirementsInstallError
+from flowhub.errors import MissingModuleError, OverlayImportError, RepoSpecError, RequirementsInstallError
 from flowhub.net.http import HttpClient
 from flowhub.cache.provenance import Lockfile, Provenance
 from flowhub.settings import Settings
@@ -49,7 +49,10 @@ class Hub:
             ``requirements.txt``, ``pyproject.toml``, ``setup.cfg``/``setup.py`` ``install_requires``, read
             without running them) that this environment lacks, as wheels, into a cached overlay that only
             the repo's worker sees (``FLOWHUB_INSTALL_REQUIREMENTS``); see :mod:`flowhub.cache.overlays`.
-            A repo that needs an overlay loads in proxy mode when the mode is ``"rebuild"``.
+            With ``mode="rebuild"`` such a repo's result is rebuilt here with the overlay's modules imported
+            privately, for that result's code only (:mod:`flowhub.cache.overlay_imports`; never in
+            ``sys.modules``); if one cannot be imported that way, or the load is sandboxed, it loads in
+            proxy mode, with a warning saying why. ``mode="inprocess"`` refuses such a repo.
         cache_shared: in a distributed job, ``"1"``/``True`` if the cache is on a filesystem all nodes share,
             ``"0"``/``False`` if each node has its own, ``"auto"`` to find out (``FLOWHUB_CACHE_SHARED``).
         broadcast_weights: in a job, one rank reads a checkpoint and broadcasts its tensors over OneFlow's
@@ -217,6 +220,7 @@ class Hub:
         """Run list/help/load where the mode says, with the repo's requirement overlay if asked for; a module
         missing in repo code becomes a :class:`~flowhub.errors.MissingModuleError` (``shown``: repo@ref)."""
         extra: List[str] = []
+        overlay: Optional[str] = None  # the overlay's site folder, for a result rebuilt here
         if settings.install_requirements:
             from flowhub.cache import overlays  # delayed: only overlays need the installer machinery
 
@@ -228,10 +232,20 @@ class Hub:
             plan = overlays.plan(settings, repo_dir, label, provided=("torch",) if self.mock_torch else ())
             self.last_requirements, extra = plan.declared, plan.sys_path
             if plan.overlay is not None:
-                settings, key = _overlay_settings(settings, label, op), f"{key}+overlay:{plan.overlay.key}"
+                settings, overlay = _overlay_settings(settings, label, op, plan.overlay.site)
+                key = f"{key}+overlay:{plan.overlay.key}"
         try:
-            return self._dispatch(settings, repo_dir, key, label, op, model, args, kwargs, refresh_weights, weights,
-                                  extra)
+            try:
+                return self._dispatch(settings, repo_dir, key, label, op, model, args, kwargs, refresh_weights,
+                                      weights, extra, overlay)
+            except OverlayImportError as exc:
+                if overlay is None:
+                    raise
+                warnings.warn(f"{label}: the result could not be rebuilt in this process: {exc}. It was loaded "
+                              'again in proxy mode (mode="proxy"): the model stays in the worker and is used '
+                              "through a proxy.", stacklevel=3)
+                return self._dispatch(dataclasses.replace(settings, mode="proxy"), repo_dir, key, label, op, model,
+                                      args, kwargs, refresh_weights, weights, extra, None)
         except MissingModuleError:
             raise
         except ModuleNotFoundError as exc:
@@ -240,7 +254,8 @@ class Hub:
 
     def _dispatch(self, settings: Settings, repo_dir: str, key: str, label: str, op: str, model: Optional[str],
                   args: tuple, kwargs: Optional[dict], refresh_weights: bool,
-                  weights: Optional[List[Dict[str, Any]]], extra_sys_path: List[str]) -> Any:
+                  weights: Optional[List[Dict[str, Any]]], extra_sys_path: List[str],
+                  overlay: Optional[str] = None) -> Any:
         expected = self.lockfile.expected_weights() if self.lockfile is not None else None
         if settings.sandbox and settings.mode == "inprocess":
             raise ValueError('sandbox=True (FLOWHUB_SANDBOX) needs a worker: use mode="proxy" or "rebuild", '
@@ -265,7 +280,7 @@ class Hub:
                                   args=tuple(args), kwargs=dict(kwargs or {}), mode=mode, sandbox=settings.sandbox,
                                   settings=context.CallSettings(settings, refresh_weights, expected),
                                   timeout=settings.worker_timeout, label=label, mock_torch=self.mock_torch,
-                                  weights=weights, extra_sys_path=extra_sys_path)
+                                  weights=weights, extra_sys_path=extra_sys_path, overlay=overlay)
 
     # -- downloads ----------------------------------------------------------------------------------
     def download_url_to_file(self, url: str, dst: PathLike, hash_prefix: Optional[str] = None,
@@ -310,20 +325,34 @@ def _repo_at(checkout: repos.Checkout) -> str:
     return f"{spec.owner}/{spec.repo}@{spec.ref}" + (f" (commit {checkout.sha[:12]})" if checkout.sha else "")
 
 
-def _overlay_settings(settings: Settings, label: str, op: str) -> Settings:
-    """The settings of a call whose repo needs an overlay: never in this process (its environment stays as
-    it is), and a load in proxy mode, since a rebuilt result would need the overlay's modules here."""
+def _overlay_settings(settings: Settings, label: str, op: str, site: str) -> Tuple[Settings, Optional[str]]:
+    """The settings of a call whose repo needs an overlay (at ``site``), and the site a rebuilt result
+    imports the overlay's modules from (privately: this process's environment stays as it is).
+
+    Never in this process. A rebuild-mode load stays one when every top-level package of the overlay
+    imports privately here (checked now, once per overlay and process); otherwise, and for a sandboxed
+    load, it loads in proxy mode with a warning saying why."""
     if settings.mode == "inprocess":
         raise RequirementsInstallError(
             f"{label} needs requirements this environment lacks; install_requirements puts them in an overlay "
             'that only a worker sees, so it cannot load with mode="inprocess": use mode="proxy" (or install '
             "them into this environment).")
-    if op == "load" and settings.mode == "rebuild":
-        warnings.warn(f"{label}: its requirements are installed in an overlay that only its worker sees, so it "
-                      'loads in proxy mode (mode="proxy"): the model stays in the worker and is used through a '
-                      "proxy. Install the requirements into this environment to rebuild it here.", stacklevel=4)
-        return dataclasses.replace(settings, mode="proxy")
-    return settings
+    if op != "load" or settings.mode != "rebuild":
+        return settings, None
+    if settings.sandbox:
+        why = "its requirements are installed in an overlay that only its sandboxed worker sees"
+    else:
+        from flowhub.cache import overlay_imports  # delayed: only overlays need it
+
+        try:
+            overlay_imports.for_site(site).preload()
+            return settings, site
+        except OverlayImportError as exc:
+            why = f"its requirements are installed in an overlay, and {exc}"
+    warnings.warn(f"{label}: {why}, so it loads in proxy mode (mode=\"proxy\"): the model stays in the worker "
+                  "and is used through a proxy. Install the requirements into this environment to rebuild it "
+                  "here.", stacklevel=4)
+    return dataclasses.replace(settings, mode="proxy"), None
 
 
 def _in_job(settings: Settings) -> Settings:

@@ -9,8 +9,9 @@ repo that imports ``six`` and ``tabulate``):
 * **baseline**: the same load without requirements: the very same two packages are vendored inside
   the repo folder, nothing is declared, ``install_requirements`` is off.
 
-Both load in proxy mode (where an overlay always loads). Each timed run is a fresh Python process
-that imports flowhub, then times ``load`` until the model answered one call; the contenders
+Both load in proxy mode (so neither pays for rebuilding, nor the overlay for its private imports in
+the caller: ~15 ms once per process, see ``flowhub.cache.overlay_imports``). Each timed run is a fresh
+Python process that imports flowhub, then times ``load`` until the model answered one call; the contenders
 alternate, in the same run. On a shared, busy machine these whole-process times vary by seconds, so
 two steadier measurements follow, in one process with a warm zygote: loads that each fork a fresh
 worker (a copy of each repo per load, its plan warm), alternating; and

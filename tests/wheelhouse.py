@@ -3,7 +3,9 @@
 here, a PEP 503 index of them served on loopback by a real HTTP server, and flowvision-shaped repos."""
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import http.server
 import io
 import os
@@ -12,6 +14,7 @@ import sys
 import tarfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterator
 
@@ -21,6 +24,30 @@ import pytest
 WHEELS = ("six==1.16.0", "six==1.15.0", "tabulate==0.9.0")
 #: A package with no wheel at all (an sdist only); its setup.py leaves a file behind if it ever runs.
 SDIST_ONLY = "nowheel-pkg"
+#: Wheels built here whose modules work as ordinary imports, never as private ones. ``lazytop`` replaces
+#: itself in ``sys.modules`` with a lazily filled stand-in (as large libraries do); ``lazysub`` imports
+#: fine, but its submodule ``lazysub.lazy``, which the model's module uses, loads its implementation by
+#: name through ``importlib.import_module`` (as plug-in registries do).
+NOT_PRIVATE = ("lazytop", "lazysub")
+LAZY_SUBMODULE = '''"""Loads its implementation by name, through the import system."""
+import importlib
+
+answer = importlib.import_module(__name__.rpartition(".")[0] + "._impl").ANSWER
+'''
+LAZY_MODULE = '''"""Fills itself lazily: the module in sys.modules is a stand-in of another class."""
+import sys
+import types
+
+
+class _LazyModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name == "answer":
+            return 42
+        raise AttributeError(name)
+
+
+sys.modules[__name__] = _LazyModule(__name__)
+'''
 
 
 def wheel_dir() -> Path:
@@ -54,6 +81,24 @@ def build_sdist(folder: Path, marker: Path) -> Path:
     return path
 
 
+def build_wheel(folder: Path, name: str, version: str, files: Dict[str, str]) -> Path:
+    """A real pure-Python wheel of ``files`` (path -> text), with its metadata and a hashed RECORD."""
+    info = f"{name}-{version}.dist-info"
+    members = dict(files)
+    members[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    members[f"{info}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: flowhub-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    record = []
+    for member, text in members.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{member},sha256={digest},{len(text.encode())}")
+    members[f"{info}/RECORD"] = "\n".join(record + [f"{info}/RECORD,,"]) + "\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as whl:
+        for member, text in members.items():
+            whl.writestr(member, text)
+    return path
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
@@ -74,6 +119,12 @@ def simple_index(tmp_path_factory) -> Iterator[Dict[str, object]]:
     (root / "simple" / SDIST_ONLY).mkdir(parents=True)
     marker = tmp_path_factory.mktemp("marker") / "setup-py-ran"
     build_sdist(root / "simple" / SDIST_ONLY, marker)
+    lazy_files = {"lazytop": {"lazytop/__init__.py": LAZY_MODULE},
+                  "lazysub": {"lazysub/__init__.py": "", "lazysub/lazy.py": LAZY_SUBMODULE,
+                              "lazysub/_impl.py": "ANSWER = 42\n"}}
+    for name, files in lazy_files.items():
+        (root / "simple" / name).mkdir(parents=True)
+        build_wheel(root / "simple" / name, name, "1.0", files)
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, name="test-package-index", daemon=True)
@@ -146,10 +197,86 @@ def tiny():
 '''
 
 
-def flowvision_like(six: str = "six==1.16.0", extra: str = "") -> Dict[str, str]:
+FANCY = '''
+import tabulate
+import oneflow as flow
+
+
+class Caption(tabulate.JupyterHTMLStr):
+    """A class of the repo that subclasses a class of an overlay package."""
+
+
+class Fancy(flow.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = flow.nn.Linear(2, 2)
+        self.caption = Caption("<b>fancy</b>")
+        self.fmt = tabulate.simple_separated_format("|")  # an object of an overlay package, held by the model
+
+    def forward(self, x):
+        import six  # a function-level import of an overlay package, run at call time
+
+        return self.fc(x) * (2 if six.PY3 else 0)
+
+    def report(self):
+        import six
+        from tabulate import tabulate as table
+
+        return {"subclass": isinstance(self.caption, tabulate.JupyterHTMLStr), "six": six.__version__,
+                "six_file": six.__file__, "table": table([["fc", 2]], tablefmt=self.fmt)}
+'''
+
+FANCY_HUBCONF = '''
+from flowpkg.fancy import Fancy
+
+
+def fancy():
+    """A model whose class uses overlay objects and whose forward imports six."""
+    return Fancy()
+'''
+
+LAZY = '''
+{import_line}
+import oneflow as flow
+
+
+class UsesLazy(flow.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = flow.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+    def answer(self):
+        return lazy.answer
+'''
+
+LAZY_HUBCONF = '''
+from flowpkg.lazy import UsesLazy
+
+
+def lazy():
+    """A model of a package that only works as an ordinary import."""
+    return UsesLazy()
+'''
+
+
+def flowvision_like(six: str = "six==1.16.0", extra: str = "", fancy: bool = False) -> Dict[str, str]:
     """Files of a repo shaped like flowvision: hubconf imports a package of the repo that imports two
-    small PyPI packages, declared only in setup.py (``six``: the six requirement)."""
+    small PyPI packages, declared only in setup.py (``six``: the six requirement; ``extra``: one more).
+    ``fancy``: a ``fancy`` entrypoint whose model uses overlay objects (:data:`FANCY`); with
+    with ``extra`` one of :data:`NOT_PRIVATE`, a ``lazy`` entrypoint whose model uses that package."""
     setup = SETUP_PY.format(six=six)
+    files = {"hubconf.py": HUBCONF, "flowpkg/__init__.py": "", "flowpkg/models.py": MODELS}
     if extra:
         setup = setup.replace('requirements.append("tabulate")', f'requirements.append("tabulate")\nrequirements.append("{extra}")')
-    return {"hubconf.py": HUBCONF, "flowpkg/__init__.py": "", "flowpkg/models.py": MODELS, "setup.py": setup}
+    if extra in NOT_PRIVATE:
+        files["hubconf.py"] += LAZY_HUBCONF
+        lazy_import = "import lazytop as lazy" if extra == "lazytop" else f"from {extra} import lazy"
+        files["flowpkg/lazy.py"] = LAZY.format(import_line=lazy_import)
+    if fancy:
+        files["hubconf.py"] += FANCY_HUBCONF
+        files["flowpkg/fancy.py"] = FANCY
+    files["setup.py"] = setup
+    return files

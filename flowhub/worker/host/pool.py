@@ -23,7 +23,6 @@ from flowhub.worker.host.handle import WorkerHandle, WorkerKey, describe_call, h
 from flowhub.worker.host.launch import ZygoteHandle, describe_status, worker_sys_path
 from flowhub.worker.host import service
 from flowhub.worker.wire import failures, messages, protocol
-from flowhub.worker.wire.messages import OPS
 
 ISOLATED_MODES = ("rebuild", "proxy")
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -55,8 +54,8 @@ class WorkerManager:
     # -- public -----------------------------------------------------------------------------------
     def call(self, *, repo_dir: str, key: str, op: str, model: Optional[str] = None, args: tuple = (),
              kwargs: Optional[dict] = None, mode: str = "rebuild", settings: Optional[CallSettings] = None,
-             timeout: Optional[float] = None, label: str = "", mock_torch: bool = False,
-             weights: Optional[list] = None, sandbox: bool = False, extra_sys_path: Sequence[str] = ()) -> Any:
+             timeout: Optional[float] = None, label: str = "", mock_torch: bool = False, weights: Optional[list] = None,
+             sandbox: bool = False, extra_sys_path: Sequence[str] = (), overlay: Optional[str] = None) -> Any:
         """Run ``op`` (``list``, ``help`` or ``load``) in the worker of ``key`` and return its result.
 
         The weight files the call used (URL, size, SHA-256) are appended to ``weights`` if given.
@@ -70,10 +69,11 @@ class WorkerManager:
         ``hubconf.py`` changed on disk is replaced (the reference re-imports it on every call).
 
         ``sandbox=True``: a sandboxed worker from a scrubbed zygote (:mod:`flowhub.worker.host.sandbox`).
-        ``extra_sys_path``: folders after the repository on the worker's path (its requirement overlay).
+        ``extra_sys_path``: folders after the repository on the worker's path (its requirement overlay, whose
+        site folder is ``overlay``: a rebuilt result then imports its modules privately).
         """
-        if op not in OPS:
-            raise ValueError(f"unknown hub operation {op!r}; expected one of {', '.join(OPS)}")
+        if op not in messages.OPS:
+            raise ValueError(f"unknown hub operation {op!r}; expected one of {', '.join(messages.OPS)}")
         if mode not in ISOLATED_MODES:
             raise ValueError(f"WorkerManager runs isolated modes only ({', '.join(ISOLATED_MODES)}), not {mode!r}")
         call = settings if settings is not None else CallSettings(settings_mod.resolve({}))
@@ -102,7 +102,8 @@ class WorkerManager:
                                repo_dir, mock_torch, label)
         worker.settings = call  # for the requests a sandboxed worker makes during the call
         try:
-            result, used = self._call(worker, op, model, request, timeout, context, mode, [call.settings.hub_dir])
+            roots = [call.settings.hub_dir]
+            result, used = self._call(worker, op, model, request, timeout, context, mode, roots, overlay)
             if weights is not None:
                 weights.extend(used)
             return result
@@ -332,7 +333,7 @@ class WorkerManager:
 
     # -- one call -------------------------------------------------------------------------------------
     def _call(self, worker: WorkerHandle, op: str, model: Optional[str], request: Any, timeout: Optional[float],
-              context: str, mode: str = "rebuild", roots: Sequence[str] = ()) -> Any:
+              context: str, mode: str = "rebuild", roots: Sequence[str] = (), overlay: Optional[str] = None) -> Any:
         """One call; ``roots``: where the files a result may be mapped from lie (the hub cache)."""
         from flowhub.worker.wire import transfer
 
@@ -355,7 +356,7 @@ class WorkerManager:
                 if reply.get("fatal"):
                     self._reap(worker, kill=True)  # the hubconf failed to import: start afresh next time
                 raise failures.from_reply(reply, body, context, worker.label)
-            return messages.decode_result(reply, body, fds, context, roots)
+            return messages.decode_result(reply, body, fds, context, roots, overlay)
         # proxy mode: the body is never unpickled, only read as the raw bytes of small tensors
         result = self._proxy_reply(worker, conn, reply, fds, context, body=body)
         return result, messages.checked_weights(reply.get("weights"), context)

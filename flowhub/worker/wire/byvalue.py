@@ -13,6 +13,11 @@ In a worker, :class:`ByValueModules` registers every module whose file lives ins
 with ``cloudpickle.register_pickle_by_value``, so the caller never imports repository code by name.
 Classes and functions of ``hubconf.py`` itself are pickled by value anyway (it is not in
 ``sys.modules``). The same functions serve the other direction (caller arguments to the worker).
+
+Modules of installed packages go by reference. For a repo whose requirements live in an overlay,
+:func:`decode` takes that overlay's private importer: the overlay's names (pickle's globals,
+cloudpickle's ``subimport``) resolve through it, and every function and module rebuilt by value gets
+its builtins, so the rebuilt code's imports of overlay packages stay private to it.
 """
 from __future__ import annotations
 
@@ -182,11 +187,55 @@ def _make_tensor(array: np.ndarray, meta: dict) -> Any:
     return tensor
 
 
-def decode(blob: bytes, arrays: Sequence[np.ndarray], meta: Sequence[dict]) -> Any:
-    """Rebuild the object :func:`encode` pickled, re-attaching ``arrays`` (already validated)."""
+class _OverlayUnpickler(_Unpickler):
+    """For a reply of a repo with an overlay: the overlay's names resolve through its private importer,
+    and rebuilt code (functions, by-value modules) gets the importer's builtins (its ``__import__``)."""
+
+    def __init__(self, file: io.BytesIO, arrays: Sequence[np.ndarray], meta: Sequence[dict], importer: Any) -> None:
+        super().__init__(file, arrays, meta)
+        self._importer = importer
+        self._private = {("cloudpickle.cloudpickle", "subimport"): importer.subimport,
+                         ("cloudpickle.cloudpickle", "_make_function"): self._make_function,
+                         ("cloudpickle.cloudpickle", "_function_setstate"): self._function_setstate,
+                         (__name__, "_new_module"): self._new_module}
+
+    def find_class(self, module: str, name: str) -> Any:
+        private = self._private.get((module, name))
+        if private is not None:
+            return private
+        if not self._importer.provides(module):
+            return super().find_class(module, name)
+        obj: Any = self._importer.load_for_result(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _make_function(self, code: types.CodeType, globals: dict, name: Optional[str], argdefs: Any,
+                       closure: Any) -> types.FunctionType:
+        globals["__builtins__"] = self._importer.builtins
+        return types.FunctionType(code, globals, name, argdefs, closure)
+
+    def _function_setstate(self, obj: types.FunctionType, state: Any) -> None:
+        cloudpickle.cloudpickle._function_setstate(obj, state)
+        obj.__globals__["__builtins__"] = self._importer.builtins
+
+    def _new_module(self, name: str) -> types.ModuleType:
+        module = types.ModuleType(name)
+        module.__dict__["__builtins__"] = self._importer.builtins
+        return module
+
+
+def decode(blob: bytes, arrays: Sequence[np.ndarray], meta: Sequence[dict], importer: Optional[Any] = None) -> Any:
+    """Rebuild the object :func:`encode` pickled, re-attaching ``arrays`` (already validated).
+
+    ``importer`` (a reply of a repo with a requirement overlay): the overlay's private importer
+    (:class:`flowhub.cache.overlay_imports.PrivateImporter`: ``provides``, ``load_for_result``,
+    ``subimport``, ``builtins``), through which the overlay's modules are found."""
     if len(arrays) != len(meta):
         raise TransferError("tensor table and metadata disagree")
-    return _Unpickler(io.BytesIO(blob), arrays, meta).load()
+    if importer is None:
+        return _Unpickler(io.BytesIO(blob), arrays, meta).load()
+    return _OverlayUnpickler(io.BytesIO(blob), arrays, meta, importer).load()
 
 
 _first_use = threading.Lock()

@@ -1,9 +1,9 @@
 """Names both ends of the worker socket agree on: operations, exit codes, sandbox strengths."""
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
-from flowhub.errors import TransferError
+from flowhub.errors import OverlayImportError, TransferError
 
 #: Operations a worker runs on a repository's hubconf.
 OPS = ("list", "help", "load")
@@ -13,9 +13,15 @@ EXIT_SANDBOX_WEAK = 78
 LIMIT_OPTIONS = ("max_memory", "max_file_size", "cpu_seconds", "max_processes", "max_scratch")
 
 
-def decode_result(reply: dict, body: bytes, fds: List[int], context: str, roots: Sequence[str] = ()) -> Any:
-    """A rebuild-mode reply: ``(result, weight records)``, its tensor table validated and mapped first."""
+def decode_result(reply: dict, body: bytes, fds: List[int], context: str, roots: Sequence[str] = (),
+                  overlay: Optional[str] = None) -> Any:
+    """A rebuild-mode reply: ``(result, weight records)``, its tensor table validated and mapped first.
+
+    ``overlay``: the site folder of the repo's requirement overlay; the overlay modules the result needs
+    are then imported from there privately (:mod:`flowhub.cache.overlay_imports`), and one that cannot
+    be raises :class:`~flowhub.errors.OverlayImportError`."""
     from flowhub.worker.wire import byvalue, protocol, transfer, weightrefs  # delayed: byvalue imports oneflow
+    from flowhub.cache import overlay_imports
 
     fd = fds.pop(0) if fds else None
     protocol.close_fds(fds)
@@ -29,7 +35,10 @@ def decode_result(reply: dict, body: bytes, fds: List[int], context: str, roots:
             if entry.get("kind") not in ("param", "tensor", "buffer") or (
                     entry.get("kind") == "buffer" and entry.get("dtype") != "uint8"):
                 raise TransferError(f"bad tensor kind in the result table: {entry!r:.200}")
-        result, rng, weights = byvalue.decode(body, arrays, table)
+        importer = overlay_imports.for_site(overlay) if overlay else None
+        result, rng, weights = byvalue.decode(body, arrays, table, importer)
+    except OverlayImportError:
+        raise
     except TransferError as exc:
         raise TransferError(f"{context}: {exc}") from None
     except Exception as exc:
