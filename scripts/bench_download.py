@@ -185,9 +185,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.remove(os.path.join(tmp, "warmup"))
 
         speeds: Dict[str, List[float]] = {name: [] for name in CONTENDERS}
+        names = list(CONTENDERS)
         for i in range(runs):
-            for name, fn in CONTENDERS.items():
+            # each round in another order, and each run from a clean slate: the kernel's writeback of the
+            # previous run's dirty pages would otherwise throttle whichever contender writes next
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                fn = CONTENDERS[name]
                 dst = os.path.join(tmp, f"out-{i}-{name}")
+                os.sync()
                 start = time.perf_counter()
                 got = fn(url, dst)
                 elapsed = time.perf_counter() - start
