@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import uuid
-from typing import BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import requests
 import urllib3
@@ -53,6 +53,22 @@ def temp_path_for(dst: str) -> str:
     return f"{dst}.{uuid.uuid4().hex[:12]}.partial"
 
 
+class _NoBar:
+    """The progress bar of a download without one."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def reset(self, total: Optional[int] = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_NO_BAR: Any = _NoBar()
+
+
 class _Transfer:
     """State of one download across its resumed requests."""
 
@@ -69,10 +85,12 @@ class _Transfer:
         self.content_type: Optional[str] = None
         self.progress = progress
         self.desc = desc
-        self.bar: Optional[tqdm] = None  # created once the size is known
+        self.bar: Any = None  # a tqdm (or _NO_BAR), created once the size is known
 
     def show_total(self) -> None:
-        if self.bar is None:
+        if self.bar is None and not self.progress:
+            self.bar = _NO_BAR  # a tqdm, even a disabled one, starts tqdm's monitor thread
+        elif self.bar is None:
             self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,
                             disable=not self.progress, desc=self.desc, file=sys.stderr, leave=True)
         else:

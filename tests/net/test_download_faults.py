@@ -688,3 +688,21 @@ def test_same_weights_published_again_keep_their_extracted_folder(gh, example, h
     assert_same_state(model.state_dict(), want)
     assert gh.count("/releases/download/") == 1 and cached.stat().st_ino != cached_inode  # downloaded again
     assert snapshot() == before
+
+
+def test_a_download_without_progress_starts_no_thread(gh, files, tmp_path):
+    """A fresh process's ``download_url_to_file(..., progress=False)`` runs in its one thread (a tqdm
+    instance, even a disabled one, would start tqdm's monitor thread)."""
+    folder, prefix = files
+    (folder / "blob.bin").write_bytes(os.urandom(MiB))
+    code = ("import threading, sys, flowhub\n"
+            "flowhub.download_url_to_file(sys.argv[1], sys.argv[2], progress=False)\n"
+            "quiet = [t.name for t in threading.enumerate()]\n"
+            "flowhub.download_url_to_file(sys.argv[1], sys.argv[2] + '.2', progress=True)\n"
+            "print(quiet, threading.active_count())\n")
+    proc = subprocess.run([sys.executable, "-c", code, f"{gh.url}{prefix}/blob.bin", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[:1] == ["['MainThread']"], proc.stdout
+    assert "100%" in proc.stderr  # with progress the bar is still shown
+    assert (tmp_path / "b").read_bytes() == (folder / "blob.bin").read_bytes()
