@@ -21,6 +21,10 @@ does not cover, ``pretrained=False``, a buffer drawn with ``flow.randn``, an err
 result is dropped and the entrypoint runs again the usual way from the same generator state, its
 output silenced (it was shown once): the result is then what a load without deferral gives.
 
+Only the thread running the load defers; other threads (a hubconf's own) initialise and copy as
+usual. flowhub's ``mode="inprocess"`` never speculates: it keeps the reference's behaviour exactly
+(its generator advances by the draws themselves).
+
 What it cannot see: a model that derives a value from its initial weights with an out-of-place
 operation before it loads the checkpoint, and keeps that value although the load overwrites the
 weights. ``deferred_init=False`` turns the speculation off.
@@ -109,6 +113,7 @@ class Speculation:
         self._saved: Dict[str, Any] = {}
         self._origins: Dict[int, Tuple[Any, mapping.LoadedFile]] = {}
         self._tracking: Optional[contextlib.AbstractContextManager] = None
+        self._thread = threading.get_ident()  # other threads (a hubconf's own) initialise and copy as usual
 
     # -- patches ------------------------------------------------------------------------------------
     def __enter__(self) -> "Speculation":
@@ -144,7 +149,7 @@ class Speculation:
 
     def _deferring(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-            if not self._eligible(tensor):
+            if threading.get_ident() != self._thread or not self._eligible(tensor):
                 return original(tensor, *args, **kwargs)
             entry = self.deferred.get(id(tensor))
             if entry is None or entry.param is not tensor:
@@ -158,6 +163,8 @@ class Speculation:
 
     def _copying(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def copy_(target: Any, other: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != self._thread:
+                return original(target, other, *args, **kwargs)
             entry = self.deferred.get(id(target))
             if entry is not None and entry.param is target:
                 origin = self._origin(other, entry) if not args and not kwargs else None
