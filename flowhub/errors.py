@@ -192,19 +192,22 @@ class MissingModuleError(FlowhubError, ModuleNotFoundError):
     """Repository code imported a module this environment lacks. ``repo`` (repo@ref), ``entrypoint``,
     ``name`` (the module), ``declared`` (what the repository declares, one line per file) and
     ``overlays`` (whether requirement overlays were on) make the message, which says how to get it
-    (``install``: the declared requirement that provides the module, if one does)."""
+    (``install``: the declared requirement that provides the module, if one does), or ``hint``: why
+    it cannot be had (a PyTorch extension under ``mock_torch``), said instead."""
 
     def __init__(self, message: str = "", *, repo: str = "", entrypoint: str = "", module: str = "",
-                 declared: str = "", overlays: bool = False, install: str = "") -> None:
+                 declared: str = "", overlays: bool = False, install: str = "", hint: str = "") -> None:
         super().__init__(message or module, name=module or None)
         self.repo, self.entrypoint, self.module, self.declared, self.overlays = repo, entrypoint, module, declared, overlays
-        self.message, self.install = message, install
+        self.message, self.install, self.hint = message, install, hint
 
     def __str__(self) -> str:
         if self.message:
             return self.message
         head = (f"{self.repo}: {self.entrypoint} needs the module {self.module!r}, which this environment "
                 f"does not have.\nThe repository declares:\n  " + self.declared.replace("\n", "\n  "))
+        if self.hint:
+            return head + "\n" + self.hint
         if self.overlays:
             return (head + "\nIts declared requirements were installed in its overlay, and none of them provides "
                     f"{self.module!r}: install the package that provides it into this environment "
@@ -219,7 +222,8 @@ class MissingModuleError(FlowhubError, ModuleNotFoundError):
     def __reduce__(self) -> tuple:
         return _rebuild_error, (type(self), self.message, {"repo": self.repo, "entrypoint": self.entrypoint,
                                                            "module": self.module, "declared": self.declared,
-                                                           "overlays": self.overlays, "install": self.install})
+                                                           "overlays": self.overlays, "install": self.install,
+                                                           "hint": self.hint})
 
 
 class RequirementsInstallError(FlowhubError, RuntimeError):

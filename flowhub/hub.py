@@ -250,7 +250,7 @@ class Hub:
             raise
         except ModuleNotFoundError as exc:
             raise requirements.missing_module_error(exc, shown or label, op, model, repo_dir,
-                                                    settings.install_requirements) from exc
+                                                    settings.install_requirements, self.mock_torch) from exc
 
     def _dispatch(self, settings: Settings, repo_dir: str, key: str, label: str, op: str, model: Optional[str],
                   args: tuple, kwargs: Optional[dict], refresh_weights: bool,

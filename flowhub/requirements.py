@@ -21,6 +21,11 @@ from flowhub.errors import MissingModuleError
 VAR_DEPENDENCY = "dependencies"
 HUBCONF = "hubconf.py"
 _MAX_FILE = 1 << 20  # a requirements file larger than this is not read
+#: PyTorch's compiled extensions, with OneFlow's counterpart where there is one. Their operators are
+#: libtorch code (torchvision 0.29 loads its ``_C`` through ``torch.ops.load_library``), and
+#: ``oneflow.mock_torch`` stands in for ``torch`` only: under it no copy of them can run, wherever installed.
+TORCH_EXTENSIONS = {"torchvision": "flowvision (its hub repository is Oneflow-Inc/vision)",
+                    "torchaudio": "", "torchtext": ""}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,16 +232,22 @@ def unsatisfied(reqs: RepoRequirements, repo_dir: str, provided: Iterable[str] =
     """``(needed, refused)``: the declared requirements this environment does not meet, merged per
     distribution (markers evaluated here), and those that cannot be installed from an index (direct URLs,
     unparsable lines). A hubconf ``dependencies`` name counts as met when it is importable here, is a
-    module of the repository, or is in ``provided`` (``torch`` under ``mock_torch``)."""
+    module of the repository, or is in ``provided`` (``torch`` under ``mock_torch``, which also makes
+    PyTorch's compiled extensions, :data:`TORCH_EXTENSIONS`, refused: no installed copy could run)."""
     from packaging.requirements import InvalidRequirement, Requirement
     from packaging.specifiers import SpecifierSet
     from packaging.utils import canonicalize_name
 
     provided = set(provided)
+    mock_torch = "torch" in provided
     merged: Dict[str, Tuple[str, set, SpecifierSet]] = {}
     refused: List[str] = []
     for d in reqs.declared:
         if d.import_name and _provided(d.text, repo_dir, provided):
+            continue
+        if mock_torch and _top_name(d.text) in TORCH_EXTENSIONS:
+            refused.append(f"{d.text!r} ({d.source}: a compiled PyTorch extension, which oneflow.mock_torch "
+                           "cannot stand in for)")
             continue
         try:
             req = Requirement(d.text)
@@ -260,11 +271,31 @@ def unsatisfied(reqs: RepoRequirements, repo_dir: str, provided: Iterable[str] =
     return needed, refused
 
 
+def _top_name(text: str) -> str:
+    """The top-level name of an import name or the distribution of a requirement, normalised."""
+    import re
+
+    name = re.split(r"[\s\[<>=!~;@(.]", text.strip(), maxsplit=1)[0]
+    return name.lower().replace("_", "-")
+
+
 # -- the error for a module that repo code could not import -------------------------------------------
+def mock_torch_hint(module: str) -> str:
+    """Why ``module`` cannot be had under ``mock_torch`` (a PyTorch compiled extension), or ``""``."""
+    top = _top_name(module)
+    if top not in TORCH_EXTENSIONS:
+        return ""
+    alt = TORCH_EXTENSIONS[top]
+    return (f"{module.split('.')[0]!r} is a compiled extension of PyTorch: its operators are libtorch code, and "
+            "oneflow.mock_torch stands in for torch only, so installing it (here or in an overlay) does not make "
+            "this repository run on OneFlow." + (f" OneFlow's counterpart is {alt}." if alt else ""))
+
+
 def missing_module_error(exc: ModuleNotFoundError, repo: str, op: str, model: Optional[str], repo_dir: str,
-                         overlays: bool) -> MissingModuleError:
+                         overlays: bool, mock_torch: bool = False) -> MissingModuleError:
     """The :class:`~flowhub.errors.MissingModuleError` for ``exc`` raised by ``repo``'s code (in its worker
-    or here): it names the module, the call, what the repository declares and how to get the module."""
+    or here): it names the module, the call, what the repository declares and how to get the module (or,
+    under ``mock_torch``, why a PyTorch extension cannot be had)."""
     import re
 
     module = getattr(exc, "name", None)
@@ -285,4 +316,4 @@ def missing_module_error(exc: ModuleNotFoundError, repo: str, op: str, model: Op
     except Exception as read_exc:  # the error must come out whatever the repository holds
         declared = f"(could not be read: {type(read_exc).__name__})"
     return MissingModuleError(repo=repo, entrypoint=what, module=module, declared=declared, overlays=overlays,
-                              install=install)
+                              install=install, hint=mock_torch_hint(module) if mock_torch else "")

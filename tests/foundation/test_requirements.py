@@ -121,6 +121,28 @@ def test_missing_module_error_is_a_module_not_found_error_that_crosses_processes
     assert "help for entrypoint 'net'" in str(with_overlays) and "does not declare it" in str(with_overlays)
 
 
+def test_pytorch_extensions_are_refused_and_explained_under_mock_torch(tmp_path):
+    """Under mock_torch (``torch`` provided) torchvision & co. cannot run, wherever installed: an overlay
+    never installs them (torchvision's wheel would pull in torch), and the error says why, not how."""
+    repo = write(tmp_path / "repo", {"hubconf.py": "dependencies = ['torch', 'torchvision']\n",
+                                     "requirements.txt": "torchaudio>=2\nsix\n"})
+    needed, refused = requirements.unsatisfied(requirements.read(repo), repo, provided=["torch"])
+    assert "torchvision" not in " ".join(needed) and "torchaudio" not in " ".join(needed)
+    assert [r.split(" (")[0] for r in refused] == ["'torchvision'", "'torchaudio>=2'"]
+    assert all("a compiled PyTorch extension, which oneflow.mock_torch cannot stand in for" in r for r in refused)
+    needed, refused = requirements.unsatisfied(requirements.read(repo), repo)  # without mock_torch: installable
+    assert "torchaudio>=2" in needed and not refused
+    err = requirements.missing_module_error(ModuleNotFoundError("x", name="torchvision.models"), "o/r@main",
+                                            "load", "net", repo, overlays=True, mock_torch=True)
+    text = str(err)
+    assert "'torchvision' is a compiled extension of PyTorch" in text and "Oneflow-Inc/vision" in text
+    assert "pip install" not in text and "overlay that only its worker sees" not in text
+    assert str(pickle.loads(pickle.dumps(err))) == text
+    plain = requirements.missing_module_error(ModuleNotFoundError("x", name="torchvision"), "o/r@main", "load",
+                                              "net", repo, overlays=False)
+    assert "compiled extension" not in str(plain) and "Two ways out" in str(plain)  # real torch may be there
+
+
 @pytest.mark.parametrize("value", ["1", "true", "on"])
 def test_install_requirements_setting(monkeypatch, value, tmp_path):
     from flowhub import settings
