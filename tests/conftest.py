@@ -159,6 +159,25 @@ def run_python(code: str, env: Optional[Dict[str, str]] = None, timeout: float =
                           timeout=timeout, **kwargs)
 
 
+def publish_checkpoint(hub_root: Path, owner: str, repo: str, state: dict, work: Path, name: str = "net") -> str:
+    """Save ``state`` as a oneflow checkpoint folder and serve it zipped as the release asset
+    ``/{owner}/{repo}/releases/download/v1/{name}.zip`` of the loopback server; returns that path."""
+    import zipfile
+
+    import oneflow as flow
+
+    folder = work / "saved" / name
+    flow.save(state, str(folder))
+    assets = hub_root / owner / repo / "releases" / "download" / "v1"
+    assets.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(assets / f"{name}.zip", "w") as z:
+        for root, _, files in os.walk(folder):
+            for file in files:
+                full = os.path.join(root, file)
+                z.write(full, os.path.relpath(full, folder.parent))
+    return f"/{owner}/{repo}/releases/download/v1/{name}.zip"
+
+
 def push_commit(root: Path, owner: str, name: str, files: Dict[str, str], branch: str = "main") -> str:
     """Add a commit with ``files`` on top of ``branch`` of ``root/owner/name.git`` (the branch moves); return its SHA."""
     import tempfile

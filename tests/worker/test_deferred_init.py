@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 
 import numpy as np
 import oneflow as flow
@@ -15,7 +14,7 @@ import pytest
 import flowhub
 from flowhub.worker.host.pool import get_manager
 
-from conftest import make_repo
+from conftest import make_repo, publish_checkpoint
 
 HUBCONF = '''
 """Entrypoints that load a cached checkpoint in the usual ways, and some unusual ones."""
@@ -95,16 +94,8 @@ def published(gh, hub_root, tmp_path):
     make_repo(hub_root, "deferred", "zoo", {"hubconf.py": HUBCONF})
     flow.manual_seed(21)
     model = _body()
-    folder = tmp_path / "saved" / "net"
-    flow.save(model.state_dict(), str(folder))
-    assets = hub_root / "deferred" / "zoo" / "releases" / "download" / "v1"
-    assets.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(assets / "net.zip", "w") as z:
-        for root, _, files in os.walk(folder):
-            for name in files:
-                full = os.path.join(root, name)
-                z.write(full, os.path.relpath(full, folder.parent))
-    return f"{gh.url}/deferred/zoo/releases/download/v1/net.zip", model
+    path = publish_checkpoint(hub_root, "deferred", "zoo", model.state_dict(), tmp_path)
+    return gh.url + path, model
 
 
 def _hub(tmp_path, name: str, **kwargs) -> flowhub.Hub:

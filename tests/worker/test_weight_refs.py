@@ -16,7 +16,7 @@ from flowhub.errors import TransferError
 from flowhub.worker.host.pool import get_manager
 from flowhub.worker.wire import weightrefs
 
-from conftest import make_repo
+from conftest import make_repo, publish_checkpoint
 
 HUBCONF = '''
 """A pretrained model whose weights come from the hub's checkpoint cache."""
@@ -48,17 +48,9 @@ def published(gh, hub_root, tmp_path):
     flow.manual_seed(11)
     model = flow.nn.Sequential(flow.nn.Linear(256, 512), flow.nn.ReLU(), flow.nn.Linear(512, 256),
                                flow.nn.Linear(256, 4))
-    folder = tmp_path / "saved" / "net"
-    flow.save(model.state_dict(), str(folder))
-    assets = hub_root / "refs" / "pretrained" / "releases" / "download" / "v1"
-    assets.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(assets / "net.zip", "w") as z:
-        for root, _, files in os.walk(folder):
-            for name in files:
-                full = os.path.join(root, name)
-                z.write(full, os.path.relpath(full, folder.parent))
+    path = publish_checkpoint(hub_root, "refs", "pretrained", model.state_dict(), tmp_path)
     hub = flowhub.Hub(tmp_path / "hub", mode="rebuild")
-    return hub, f"{gh.url}/refs/pretrained/releases/download/v1/net.zip", model
+    return hub, gh.url + path, model
 
 
 def _mapped_paths() -> set:
