@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import io
 import mmap
@@ -55,11 +56,12 @@ INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "k
 _DTYPES = {flow.float32: np.float32, flow.float64: np.float64, flow.float16: np.float16}
 _PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10  # <sys/mman.h> on Linux
-_MAP_FAILED = ctypes.c_void_p(-1).value
 _active = threading.Lock()  # one speculation at a time (an entrypoint that loads another runs it plainly)
 
 
+@functools.lru_cache(maxsize=None)
 def _libc_mmap() -> Callable[..., Optional[int]]:
+    """libc's ``mmap`` (Python's ``mmap`` module cannot map at a given address)."""
     function = ctypes.CDLL(None, use_errno=True).mmap
     function.restype = ctypes.c_void_p
     function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
