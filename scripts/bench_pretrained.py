@@ -11,6 +11,8 @@ memory (private pages: copies, not the page cache a mapped checkpoint shares):
 * ``oneflow.hub.load`` in the process: the reference, the baseline of every ratio;
 * ``flowhub.Hub(mode="rebuild")``: the model is built in a worker, its weights come back as
   references to the cached checkpoint files, mapped copy-on-write;
+* ``flowhub.Hub(mode="rebuild", deferred_init=False)``: the same without deferred initialisation (the
+  worker draws the random weights the checkpoint then overwrites);
 * ``flowhub.Hub(mode="inprocess")``: the reference's way, with the cached checkpoint mapped.
 
 Targets (issue 11): rebuild at most 0.35x the reference's time; the caller's anonymous memory grows
@@ -59,6 +61,8 @@ before = anonymous()
 start = time.perf_counter()
 if how == "reference":
     model = oneflow.hub.load(repo, "big", url, source="local")
+elif how == "rebuild-plain":
+    model = flowhub.Hub(mode="rebuild", deferred_init=False).load(repo, "big", url, source="local")
 else:
     model = flowhub.Hub(mode=how).load(repo, "big", url, source="local")
 model[0](flow.ones(1, %d)).numpy()
@@ -101,7 +105,7 @@ def main() -> None:
         payload = LAYERS * (WIDTH * WIDTH + WIDTH) * 4
         with GitHubServer(os.path.join(root, "served")) as server:
             url = f"{server.url}/bench/big/releases/download/v1/big.zip"
-            contenders = ("reference", "rebuild", "inprocess")
+            contenders = ("reference", "rebuild", "rebuild-plain", "inprocess")
             results = {c: [] for c in contenders}
             for i in range(args.runs + 1):  # round 0 fills each contender's cache
                 for how in contenders:
@@ -123,7 +127,7 @@ def main() -> None:
             times = [r["s"] for r in results[how]]
             walls = [r["wall"] for r in results[how]]
             anon = statistics.median(r["anon"] for r in results[how])
-            print(f"  {how:<10} load {statistics.median(times):.3f} s [{min(times):.3f}-{max(times):.3f}]  "
+            print(f"  {how:<13} load {statistics.median(times):.3f} s [{min(times):.3f}-{max(times):.3f}]  "
                   f"{statistics.median(times) / base:.2f}x  whole process {statistics.median(walls):.2f} s  "
                   f"anonymous memory +{anon / 1e6:.0f} MB ({anon / payload:.2f}x payload)")
         ratio = statistics.median(r["s"] for r in results["rebuild"]) / base
