@@ -220,7 +220,7 @@ class Hub:
         """Run list/help/load where the mode says, with the repo's requirement overlay if asked for; a module
         missing in repo code becomes a :class:`~flowhub.errors.MissingModuleError` (``shown``: repo@ref)."""
         extra: List[str] = []
-        overlay: Optional[str] = None  # the overlay's site folder, for a result rebuilt here
+        overlay: Optional[Any] = None  # the overlay's private importer, for a result rebuilt here
         if settings.install_requirements:
             from flowhub.cache import overlays  # delayed: only overlays need the installer machinery
 
@@ -255,7 +255,7 @@ class Hub:
     def _dispatch(self, settings: Settings, repo_dir: str, key: str, label: str, op: str, model: Optional[str],
                   args: tuple, kwargs: Optional[dict], refresh_weights: bool,
                   weights: Optional[List[Dict[str, Any]]], extra_sys_path: List[str],
-                  overlay: Optional[str] = None) -> Any:
+                  overlay: Optional[Any] = None) -> Any:
         expected = self.lockfile.expected_weights() if self.lockfile is not None else None
         if settings.sandbox and settings.mode == "inprocess":
             raise ValueError('sandbox=True (FLOWHUB_SANDBOX) needs a worker: use mode="proxy" or "rebuild", '
@@ -325,9 +325,9 @@ def _repo_at(checkout: repos.Checkout) -> str:
     return f"{spec.owner}/{spec.repo}@{spec.ref}" + (f" (commit {checkout.sha[:12]})" if checkout.sha else "")
 
 
-def _overlay_settings(settings: Settings, label: str, op: str, site: str) -> Tuple[Settings, Optional[str]]:
-    """The settings of a call whose repo needs an overlay (at ``site``), and the site a rebuilt result
-    imports the overlay's modules from (privately: this process's environment stays as it is).
+def _overlay_settings(settings: Settings, label: str, op: str, site: str) -> Tuple[Settings, Optional[Any]]:
+    """The settings of a call whose repo needs an overlay (at ``site``), and the private importer a rebuilt
+    result imports the overlay's modules through (this process's environment stays as it is).
 
     Never in this process. A rebuild-mode load stays one when every top-level package of the overlay
     imports privately here (checked now, once per overlay and process); otherwise, and for a sandboxed
@@ -345,8 +345,9 @@ def _overlay_settings(settings: Settings, label: str, op: str, site: str) -> Tup
         from flowhub.cache import overlay_imports  # delayed: only overlays need it
 
         try:
-            overlay_imports.for_site(site).preload()
-            return settings, site
+            importer = overlay_imports.for_site(site)
+            importer.preload()
+            return settings, importer
         except OverlayImportError as exc:
             why = f"its requirements are installed in an overlay, and {exc}"
     warnings.warn(f"{label}: {why}, so it loads in proxy mode (mode=\"proxy\"): the model stays in the worker "

@@ -55,7 +55,7 @@ class WorkerManager:
     def call(self, *, repo_dir: str, key: str, op: str, model: Optional[str] = None, args: tuple = (),
              kwargs: Optional[dict] = None, mode: str = "rebuild", settings: Optional[CallSettings] = None,
              timeout: Optional[float] = None, label: str = "", mock_torch: bool = False, weights: Optional[list] = None,
-             sandbox: bool = False, extra_sys_path: Sequence[str] = (), overlay: Optional[str] = None) -> Any:
+             sandbox: bool = False, extra_sys_path: Sequence[str] = (), overlay: Optional[Any] = None) -> Any:
         """Run ``op`` (``list``, ``help`` or ``load``) in the worker of ``key`` and return its result.
 
         The weight files the call used (URL, size, SHA-256) are appended to ``weights`` if given.
@@ -69,8 +69,8 @@ class WorkerManager:
         ``hubconf.py`` changed on disk is replaced (the reference re-imports it on every call).
 
         ``sandbox=True``: a sandboxed worker from a scrubbed zygote (:mod:`flowhub.worker.host.sandbox`).
-        ``extra_sys_path``: folders after the repository on the worker's path (its requirement overlay, whose
-        site folder is ``overlay``: a rebuilt result then imports its modules privately).
+        ``extra_sys_path``: folders after the repository on the worker's path (its requirement overlay;
+        ``overlay``: that overlay's private importer, through which a rebuilt result imports its modules).
         """
         if op not in messages.OPS:
             raise ValueError(f"unknown hub operation {op!r}; expected one of {', '.join(messages.OPS)}")
@@ -333,7 +333,7 @@ class WorkerManager:
 
     # -- one call -------------------------------------------------------------------------------------
     def _call(self, worker: WorkerHandle, op: str, model: Optional[str], request: Any, timeout: Optional[float],
-              context: str, mode: str = "rebuild", roots: Sequence[str] = (), overlay: Optional[str] = None) -> Any:
+              context: str, mode: str = "rebuild", roots: Sequence[str] = (), overlay: Optional[Any] = None) -> Any:
         """One call; ``roots``: where the files a result may be mapped from lie (the hub cache)."""
         from flowhub.worker.wire import transfer
 

@@ -212,6 +212,8 @@ class _OverlayUnpickler(_Unpickler):
 
     def _make_function(self, code: types.CodeType, globals: dict, name: Optional[str], argdefs: Any,
                        closure: Any) -> types.FunctionType:
+        # cloudpickle's own _make_function sets the real builtins, and a function takes its builtins
+        # when it is made: so it is made here, as cloudpickle 3.1 does, with the importer's
         globals["__builtins__"] = self._importer.builtins
         return types.FunctionType(code, globals, name, argdefs, closure)
 

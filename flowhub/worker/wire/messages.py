@@ -14,14 +14,13 @@ LIMIT_OPTIONS = ("max_memory", "max_file_size", "cpu_seconds", "max_processes", 
 
 
 def decode_result(reply: dict, body: bytes, fds: List[int], context: str, roots: Sequence[str] = (),
-                  overlay: Optional[str] = None) -> Any:
+                  overlay: Optional[Any] = None) -> Any:
     """A rebuild-mode reply: ``(result, weight records)``, its tensor table validated and mapped first.
 
-    ``overlay``: the site folder of the repo's requirement overlay; the overlay modules the result needs
-    are then imported from there privately (:mod:`flowhub.cache.overlay_imports`), and one that cannot
-    be raises :class:`~flowhub.errors.OverlayImportError`."""
+    ``overlay``: the private importer of the repo's requirement overlay
+    (:class:`flowhub.cache.overlay_imports.PrivateImporter`); the overlay modules the result needs are
+    imported through it, and one that cannot be raises :class:`~flowhub.errors.OverlayImportError`."""
     from flowhub.worker.wire import byvalue, protocol, transfer, weightrefs  # delayed: byvalue imports oneflow
-    from flowhub.cache import overlay_imports
 
     fd = fds.pop(0) if fds else None
     protocol.close_fds(fds)
@@ -35,8 +34,7 @@ def decode_result(reply: dict, body: bytes, fds: List[int], context: str, roots:
             if entry.get("kind") not in ("param", "tensor", "buffer") or (
                     entry.get("kind") == "buffer" and entry.get("dtype") != "uint8"):
                 raise TransferError(f"bad tensor kind in the result table: {entry!r:.200}")
-        importer = overlay_imports.for_site(overlay) if overlay else None
-        result, rng, weights = byvalue.decode(body, arrays, table, importer)
+        result, rng, weights = byvalue.decode(body, arrays, table, overlay)
     except OverlayImportError:
         raise
     except TransferError as exc:
